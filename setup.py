@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gpg_vlm",
+    version="0.1.0",
+    description="Group Policy Gradient (GPG) fine-tuning and evaluation of Qwen vision-language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gpg_vlm", "gpg_vlm.*"]),
+    include_package_data=True,
+    package_data={"gpg_vlm": ["assets/*", "assets/**/*"]},
+    install_requires=[
+        # A range GPU users can meet; CPU installs pin 2.13.0 through constraints.txt.
+        "torch>=2.4,<3",
+        # The adapter is written against the transformers 5 Qwen-VL classes.
+        "transformers>=5.23,<6",
+        "accelerate>=1.0",
+        "qwen-vl-utils>=0.0.14",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6.100", "math-verify>=0.7"],
+        "math": ["math-verify>=0.7"],
+        "flash": ["flash-attn>=2.6; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+    },
+    entry_points={"console_scripts": ["gpg-vlm=gpg_vlm.cli:main"]},
+)
