@@ -1,0 +1,208 @@
+"""The one dataset schema: the `Row` dataclass and the validation of a raw record into it.
+
+Every source (JSONL, Hugging Face datasets, parquet, benchmark adapters, the Fashion-MNIST
+suite) ends in `make_row`, so a field is checked the same way wherever it came from and
+every error names the row (`Row.source`, e.g. "train.jsonl:17") and the field.
+The field meanings are documented in data/README.md.
+
+Deliberately left out: prompt rendering (chat templates belong to the VLM adapter) and
+reward logic (rewards/ reads `solution`, `choices` and `task`, nothing else).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TASKS = ("grounding", "classification", "reasoning")
+FIELDS = ("image", "problem", "solution", "task", "choices", "system")
+
+
+class DataError(ValueError):
+    """A dataset row, file or image that cannot be used; the message names source and field."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One prompt with its verifiable solution.
+
+    `images` holds file paths (already resolved against the dataset folder), encoded bytes or
+    in-memory PIL images, in prompt order. `root` is the folder image paths must stay inside
+    (None when the caller allowed paths outside it).
+    """
+
+    images: tuple[Any, ...]
+    problem: str
+    solution: Any
+    task: str
+    choices: list[str] | None = None
+    system: str | None = None
+    source: str = "<memory>"
+    extra: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None
+
+    def load_images(self) -> list:
+        """Decode every image as RGB; raises DataError naming source, field and file."""
+        from gpg_vlm.data.images import open_image
+
+        return [open_image(self._checked(i), self._where(i)) for i in range(len(self.images))]
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """Original (W, H) of each image, read from the headers only."""
+        from gpg_vlm.data.images import image_size
+
+        return [image_size(self._checked(i), self._where(i)) for i in range(len(self.images))]
+
+    def _where(self, i: int) -> str:
+        return f"{self.source}: field 'image'" + (f"[{i}]" if len(self.images) > 1 else "")
+
+    def _checked(self, i: int) -> Any:
+        src = self.images[i]
+        if self.root is not None and isinstance(src, (str, os.PathLike)):
+            check_inside(Path(src), self.root, self._where(i))
+        return src
+
+
+def check_inside(path: Path, root: Path, where: str) -> None:
+    """Refuse a path that leaves `root` (via '..', an absolute path or a symlink)."""
+    real, real_root = path.resolve(), root.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise DataError(
+            f"{where}: image path {path} resolves to {real}, outside the dataset folder {real_root}; "
+            "pass allow_outside=True to permit it"
+        )
+
+
+def resolve_image(value: Any, where: str, base_dir: Path | None, root: Path | None) -> Any:
+    """One image value -> a path (resolved against `base_dir`), bytes or a PIL image."""
+    if isinstance(value, dict):  # Hugging Face / parquet image struct
+        if value.get("bytes") is not None:
+            value = value["bytes"]
+        elif value.get("path"):
+            value = value["path"]
+        else:
+            raise DataError(f"{where}: image struct has neither 'bytes' nor 'path'")
+    if isinstance(value, (bytes, bytearray)):
+        if not value:
+            raise DataError(f"{where}: image bytes are empty")
+        return bytes(value)
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: image path is an empty string")
+        path = Path(value)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if root is not None:
+            check_inside(path, root, where)
+        return path
+    if type(value).__module__.startswith("PIL."):
+        return value
+    raise DataError(f"{where}: expected a path, bytes or image, got {type(value).__name__}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_box(box: Any, where: str) -> None:
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
+        raise DataError(f"{where}: a grounding box must be 4 numbers [x1, y1, x2, y2], got {box!r}")
+    x1, y1, x2, y2 = box
+    if x2 < x1 or y2 < y1:
+        raise DataError(f"{where}: box {list(box)} has x2 < x1 or y2 < y1 (expected xyxy, not xywh?)")
+
+
+def boxes_of(solution: Any) -> list:
+    """A grounding solution is one box or a list of boxes; return the list of boxes."""
+    if isinstance(solution, (list, tuple)) and solution and isinstance(solution[0], (list, tuple)):
+        return list(solution)
+    return [solution]
+
+
+def _check_solution(solution: Any, task: str, where: str) -> None:
+    if isinstance(solution, bool) or solution is None:
+        raise DataError(f"{where}: field 'solution' must be a string, number or list, got {solution!r}")
+    if isinstance(solution, float) and not math.isfinite(solution):
+        raise DataError(f"{where}: field 'solution' is not finite: {solution!r}")
+    if not isinstance(solution, (str, int, float, list, tuple)):
+        raise DataError(f"{where}: field 'solution' must be a string, number or list, got {type(solution).__name__}")
+    if task == "grounding":
+        for box in boxes_of(solution):
+            check_box(box, f"{where}: field 'solution'")
+    elif task == "classification" and not (isinstance(solution, str) and solution.strip()):
+        raise DataError(f"{where}: field 'solution' of a classification row must be the class name (a string)")
+
+
+def _optional_str(record: dict, name: str, where: str) -> str | None:
+    value = record.get(name)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def make_row(
+    record: Any,
+    source: str,
+    base_dir: Path | None = None,
+    root: Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Row:
+    """Validate one raw record (schema field names) into a Row; raise DataError naming the field.
+
+    Keys outside the schema are kept in `Row.extra` (benchmark fields for reporting).
+    """
+    if not isinstance(record, dict):
+        raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
+    for name in ("problem", "solution", "task"):
+        if name not in record:
+            raise DataError(f"{source}: missing field {name!r}")
+    task = record["task"]
+    if task not in TASKS:
+        raise DataError(f"{source}: field 'task' is {task!r}; expected one of {', '.join(TASKS)}")
+    problem = record["problem"]
+    if not isinstance(problem, str) or not problem.strip():
+        raise DataError(f"{source}: field 'problem' must be a non-empty string, got {problem!r:.60}")
+    solution = record["solution"]
+    _check_solution(solution, task, source)
+    if isinstance(solution, tuple):
+        solution = list(solution)
+
+    raw = record.get("image")
+    if raw is None:
+        values: list = []
+    elif isinstance(raw, (list, tuple)):
+        values = list(raw)
+    else:
+        values = [raw]
+    many = isinstance(raw, (list, tuple))
+    images = tuple(
+        resolve_image(v, f"{source}: field 'image'" + (f"[{i}]" if many else ""), base_dir, root)
+        for i, v in enumerate(values)
+    )
+
+    choices = record.get("choices")
+    if choices is not None:
+        if not (isinstance(choices, (list, tuple)) and choices and all(isinstance(c, str) for c in choices)):
+            raise DataError(f"{source}: field 'choices' must be a non-empty list of strings, got {choices!r:.80}")
+        choices = list(choices)
+        if len(set(choices)) != len(choices):
+            raise DataError(f"{source}: field 'choices' has duplicates: {choices}")
+        if str(solution) not in choices:
+            raise DataError(f"{source}: field 'solution' {solution!r} is not one of the choices {choices}")
+    kept = {k: v for k, v in record.items() if k not in FIELDS}
+    kept.update(extra or {})
+    return Row(
+        images=images,
+        problem=problem,
+        solution=solution,
+        task=task,
+        choices=choices,
+        system=_optional_str(record, "system", source),
+        source=source,
+        extra=kept,
+        root=root,
+    )
