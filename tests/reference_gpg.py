@@ -93,3 +93,10 @@ def ref_grpo_loss(
             row.append(term)
         rows.append(row)
     return _reduce(rows, token_mean, length_norm)
+
+
+def ref_select_groups(rewards, group_size, num_keep):
+    flags = ref_informative(rewards, group_size)
+    informative = [g for g, flag in enumerate(flags) if flag]
+    others = [g for g, flag in enumerate(flags) if not flag]
+    return (informative + others)[:num_keep]

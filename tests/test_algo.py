@@ -26,6 +26,7 @@ from reference_gpg import (
     ref_gpg_loss,
     ref_grpo_loss,
     ref_informative,
+    ref_select_groups,
 )
 
 F64 = torch.float64
@@ -168,6 +169,25 @@ def test_gpg_loss_length_norm_by_hand():
     )
     with pytest.raises(ValueError, match="length_norm"):
         gpg_loss(logprobs, advantages, mask, token_mean=True, length_norm=4)
+
+
+def test_empty_completion_contributes_zero_but_counts():
+    # Row 2 has no real token (e.g. a completion cut to nothing): its term is 0, and it still
+    # counts in the per-completion mean, so the loss is (0.75 - 2 + 0) / 3 = -1.25 / 3. The
+    # token mean is unchanged: -0.5 / 3 real tokens.
+    logprobs, advantages, mask = hand_batch()
+    logprobs = torch.cat([logprobs, t([[math.nan, 1e30]])])
+    advantages = torch.cat([advantages, t([7.0])])
+    mask = torch.cat([mask, torch.zeros(1, 2, dtype=mask.dtype)])
+    torch.testing.assert_close(gpg_loss(logprobs, advantages, mask), t(-1.25 / 3), **TOL)
+    got = gpg_loss(logprobs, advantages, mask, token_mean=True)
+    torch.testing.assert_close(got, t(-1 / 6), **TOL)
+    got = grpo_loss(logprobs, logprobs, logprobs, advantages, mask, token_mean=True)
+    torch.testing.assert_close(got, t(-1 / 6), **TOL)
+    # A batch with no real token at all: 0, not 0 / 0.
+    empty = torch.zeros_like(mask)
+    assert float(gpg_loss(logprobs, advantages, empty, token_mean=True)) == 0.0
+    assert float(gpg_loss(logprobs, advantages, empty)) == 0.0
 
 
 def test_gpg_loss_shape_errors():
@@ -426,6 +446,16 @@ def test_select_groups_puts_informative_groups_first_in_stable_order():
     assert select_groups(rewards, 2, 0).tolist() == []
     with pytest.raises(ValueError, match="6 of 5"):
         select_groups(rewards, 2, 6)
+
+
+def test_select_groups_matches_loop_reference_on_many_groups():
+    # Large enough that an unstable sort reorders equal keys (it does already at 50 on CPU).
+    rng = random.Random(5)
+    for _ in range(5):
+        G, M = rng.randint(2, 4), rng.randint(40, 80)
+        rewards = random_rewards(rng, M, G)
+        keep = rng.randint(0, M)
+        assert select_groups(t(rewards), G, keep).tolist() == ref_select_groups(rewards, G, keep)
 
 
 def test_group_rows_gathers_whole_groups():
