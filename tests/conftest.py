@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny checkpoints of each family, built once per test session.
+
+Test checkpoints use a larger initialisation (std 0.2 instead of Qwen's 0.02) so that the
+log-probs depend strongly on every input: a scrambled patch or a wrong position changes them
+by far more than the tolerances the tests use.
+"""
+
+import pytest
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+TEST_INIT_STD = 0.2
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """family -> path of an `xs` checkpoint, built on first use."""
+    from gpg_vlm.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = make_tiny_model(family, "xs", root / family, seed=0,
+                                            init_std=TEST_INIT_STD)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny_dirs):
+    """family -> a loaded VLMAdapter (fp32, CPU), loaded on first use."""
+    from gpg_vlm.adapter import VLMAdapter
+
+    loaded = {}
+
+    def get(family: str):
+        if family not in loaded:
+            loaded[family] = VLMAdapter.from_pretrained(tiny_dirs(family), device="cpu")
+        return loaded[family]
+
+    return get

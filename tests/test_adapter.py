@@ -1,0 +1,244 @@
+"""The VLM adapter against the facts that bite, for all three families, fp32 on CPU.
+
+Tolerances: equal computations agree to ~5e-6 here; the tests allow 1e-4. The negative
+controls show that a real mistake (another image, scrambled patches, missing
+mm_token_type_ids) moves the log-probs by far more than that.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gpg_vlm.adapter import AdapterError, PromptBatch, Rollout, Sample, VLMAdapter, _filter_top_k_top_p
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+TOL = 1e-4
+
+
+def noise_image(width, height, seed):
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def mixed_samples():
+    """Different image sizes, a text-only prompt, a two-image prompt, a system prompt."""
+    return [
+        Sample("What is this item?", [noise_image(56, 56, 1)]),
+        Sample("Compare the two.", [noise_image(84, 56, 2), noise_image(56, 112, 3)],
+               system="Answer briefly."),
+        Sample("No image here, just text."),
+        Sample("Where is the bag?", [noise_image(150, 100, 4)]),
+    ]
+
+
+def sub_rollout(rollout: Rollout, prompt: int) -> Rollout:
+    """The completions of one prompt, re-indexed as prompt 0 of a one-prompt batch."""
+    rows = rollout.prompt_index == prompt
+    n = int(rows.sum())
+    return Rollout(torch.zeros(n, dtype=torch.long), rollout.completion_ids[rows],
+                   rollout.completion_mask[rows], rollout.logprobs[rows], [], rollout.truncated[rows])
+
+
+@pytest.fixture(params=FAMILIES)
+def adapter(request, adapters):
+    return adapters(request.param)
+
+
+def test_training_logprobs_equal_sampling_logprobs(adapter):
+    batch = adapter.encode(mixed_samples())
+    gen = torch.Generator().manual_seed(0)
+    rollout = adapter.generate(batch, group_size=3, max_new_tokens=10, generator=gen)
+    assert rollout.completion_ids.shape[0] == 12
+    assert rollout.completion_mask.sum() > 0
+    trained = adapter.completion_logprobs(batch, rollout)
+    assert torch.isfinite(trained).all()
+    assert (trained - rollout.logprobs).abs().max() < TOL
+
+
+def test_mixed_batch_equals_each_prompt_alone(adapter):
+    samples = mixed_samples()
+    batch = adapter.encode(samples)
+    rollout = adapter.generate(batch, group_size=2, max_new_tokens=8,
+                               generator=torch.Generator().manual_seed(1))
+    together = adapter.completion_logprobs(batch, rollout)
+    for i, sample in enumerate(samples):
+        alone_batch = adapter.encode([sample])
+        alone = adapter.completion_logprobs(alone_batch, sub_rollout(rollout, i))
+        assert (alone - together[rollout.prompt_index == i]).abs().max() < TOL
+
+
+def test_logprobs_depend_on_the_image(adapter):
+    """Negative control: the same completions scored against another image differ clearly."""
+    a = adapter.encode([Sample("What is this item?", [noise_image(56, 56, 10)])])
+    b = adapter.encode([Sample("What is this item?", [noise_image(56, 56, 11)])])
+    rollout = adapter.generate(a, group_size=2, max_new_tokens=6,
+                               generator=torch.Generator().manual_seed(2))
+    diff = (adapter.completion_logprobs(a, rollout) - adapter.completion_logprobs(b, rollout)).abs()
+    assert diff.max() > 100 * TOL
+
+
+def test_mm_token_type_ids_matter(adapter):
+    """Negative control: without mm_token_type_ids the positions (and log-probs) change."""
+    batch = adapter.encode([Sample("Where is it?", [noise_image(84, 84, 5)])])
+    rollout = adapter.generate(batch, group_size=2, max_new_tokens=6,
+                               generator=torch.Generator().manual_seed(3))
+    good = adapter.completion_logprobs(batch, rollout)
+    batch.mm_token_type_ids.zero_()
+    bad = adapter.completion_logprobs(batch, rollout)
+    assert (good - bad).abs().max() > 100 * TOL
+
+
+def test_micro_batch_size_does_not_change_logprobs(adapter):
+    batch = adapter.encode(mixed_samples())
+    rollout = adapter.generate(batch, group_size=3, max_new_tokens=8,
+                               generator=torch.Generator().manual_seed(4))
+    whole = adapter.completion_logprobs(batch, rollout, max_tokens=10**6)
+    small = adapter.completion_logprobs(batch, rollout, max_tokens=1)  # one row per micro-batch
+    assert (whole - small).abs().max() < TOL
+    assert len(adapter.micro_batches(batch, rollout.prompt_index, rollout.completion_mask, 1)) == 12
+
+
+def test_vision_tokens_are_never_sampled_and_masked_alike(adapters):
+    adapter = adapters("qwen2_vl")
+    ids = [adapter.tokenizer.convert_tokens_to_ids(t) for t in
+           ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")]
+
+    def push_vision_tokens(module, inputs, output):  # make vision tokens overwhelmingly likely
+        output = output.clone()
+        output[..., ids] += 1000.0
+        return output
+
+    handle = adapter.model.lm_head.register_forward_hook(push_vision_tokens)
+    try:
+        batch = adapter.encode(mixed_samples()[:2])
+        rollout = adapter.generate(batch, group_size=4, max_new_tokens=8,
+                                   generator=torch.Generator().manual_seed(5))
+        sampled = rollout.completion_ids[rollout.completion_mask.bool()]
+        assert not torch.isin(sampled, torch.tensor(ids)).any()
+        trained = adapter.completion_logprobs(batch, rollout)
+        assert torch.isfinite(trained).all()
+        assert (trained - rollout.logprobs).abs().max() < TOL
+    finally:
+        handle.remove()
+
+
+def test_qwen2_5_rope_positions_match_the_unpadded_single_sequence(adapters):
+    """Positions of a left-padded row equal those the model computes for the sequence alone."""
+    adapter = adapters("qwen2_5_vl")
+    samples = mixed_samples()
+    batch = adapter.encode(samples)
+    pos = adapter._positions(batch.input_ids, batch.attention_mask, batch.mm_token_type_ids,
+                             batch.image_grid_thw)  # (3, N, L)
+    for i, sample in enumerate(samples):
+        alone = adapter.encode([sample])
+        keep = batch.attention_mask[i].bool()
+        grid = alone.image_grid_thw
+        if grid is not None:  # the model's own rope index, no padding, no attention mask
+            ref, _ = adapter.model.model.get_rope_index(
+                alone.input_ids, mm_token_type_ids=alone.mm_token_type_ids, image_grid_thw=grid)
+        else:
+            ref = torch.arange(alone.input_ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
+        assert torch.equal(pos[:, i, keep], ref[:, 0])
+    # and the logits of our explicit positions equal the model's internal computation
+    alone = adapter.encode([samples[3]])
+    with torch.no_grad():
+        ours = adapter.model(input_ids=alone.input_ids, attention_mask=alone.attention_mask,
+                             position_ids=adapter._positions(alone.input_ids, alone.attention_mask,
+                                                             alone.mm_token_type_ids,
+                                                             alone.image_grid_thw),
+                             pixel_values=alone.pixel_values, image_grid_thw=alone.image_grid_thw,
+                             mm_token_type_ids=alone.mm_token_type_ids).logits
+        adapter.model.model.rope_deltas = None
+        theirs = adapter.model(input_ids=alone.input_ids, pixel_values=alone.pixel_values,
+                               image_grid_thw=alone.image_grid_thw,
+                               mm_token_type_ids=alone.mm_token_type_ids).logits
+    assert (ours - theirs).abs().max() < TOL
+
+
+def test_select_slices_patches_per_image():
+    """Patches follow their own image, whatever the image sizes around it."""
+    grid = torch.tensor([[1, 2, 2], [1, 4, 2], [1, 2, 4]])  # 4, 8 and 8 patches
+    patches = torch.arange(20).float().unsqueeze(-1)  # patch k holds the value k
+    batch = PromptBatch(
+        input_ids=torch.zeros(3, 4, dtype=torch.long), attention_mask=torch.ones(3, 4, dtype=torch.long),
+        mm_token_type_ids=torch.zeros(3, 4, dtype=torch.long), pixel_values=patches,
+        image_grid_thw=grid, images_per_prompt=[1, 0, 2], image_sizes=[[(1, 1)], [], [(1, 1)] * 2],
+        model_image_sizes=[[(1, 1)], [], [(1, 1)] * 2])
+    sub = batch.select([2, 0, 2, 1])
+    expected = torch.cat([torch.arange(4, 20), torch.arange(0, 4), torch.arange(4, 20)]).float()
+    assert torch.equal(sub.pixel_values.squeeze(-1), expected)
+    assert sub.image_grid_thw.tolist() == [[1, 4, 2], [1, 2, 4], [1, 2, 2], [1, 4, 2], [1, 2, 4]]
+    assert sub.images_per_prompt == [2, 1, 2, 0]
+    # the naive per-prompt repeat keeps valid shapes and gets the pixels wrong
+    naive = patches.repeat_interleave(1, 0)[: sub.pixel_values.shape[0]]
+    assert not torch.equal(naive, sub.pixel_values)
+
+
+def test_reports_image_sizes_and_box_format(adapters):
+    # 150x100 to multiples of 28: round(150/28)=5 -> 140, round(100/28)=4 -> 112;
+    # to multiples of 32 (Qwen3-VL): round(150/32)=5 -> 160, round(100/32)=3 -> 96.
+    expected = {"qwen2_vl": ("rel1000", (140, 112)), "qwen2_5_vl": ("abs_resized", (140, 112)),
+                "qwen3_vl": ("rel1000", (160, 96))}
+    for family, (box_format, seen) in expected.items():
+        adapter = adapters(family)
+        batch = adapter.encode([Sample("Where?", [noise_image(150, 100, 0)])])
+        assert adapter.box_format == box_format
+        assert batch.image_sizes == [[(150, 100)]]
+        assert batch.model_image_sizes == [[seen]]
+
+
+def test_greedy_equals_top_k_one(adapters):
+    adapter = adapters("qwen3_vl")
+    batch = adapter.encode(mixed_samples()[:2])
+    greedy = adapter.generate(batch, 1, max_new_tokens=6, temperature=0)
+    top1 = adapter.generate(batch, 1, max_new_tokens=6, top_k=1,
+                            generator=torch.Generator().manual_seed(9))
+    assert torch.equal(greedy.completion_ids, top1.completion_ids)
+
+
+def test_top_k_top_p_filter_by_hand():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two (0.5 < 0.7, 0.8 >= 0.7)
+    scores = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = torch.isfinite(_filter_top_k_top_p(scores, 0, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(_filter_top_k_top_p(scores, 3, 1.0))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_completion_ends_at_eos_and_mask_covers_it(adapters):
+    adapter = adapters("qwen2_vl")
+    eos = adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def make_eos_likely(module, inputs, output):
+        output = output.clone()
+        output[..., eos] += 4.0
+        return output
+
+    handle = adapter.model.lm_head.register_forward_hook(make_eos_likely)
+    try:
+        batch = adapter.encode(mixed_samples()[:1])
+        r = adapter.generate(batch, 8, max_new_tokens=12, generator=torch.Generator().manual_seed(6))
+    finally:
+        handle.remove()
+    for ids, mask, truncated in zip(r.completion_ids, r.completion_mask, r.truncated):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()  # a prefix
+        if not truncated:
+            assert ids[n - 1] == eos and (ids[n:] == adapter.pad_token_id).all()
+    assert not r.truncated.all()
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, adapters):
+    with pytest.raises(AdapterError, match="does not exist"):
+        VLMAdapter.from_pretrained(tmp_path / "missing")
+    with pytest.raises(AdapterError, match="no config.json"):
+        VLMAdapter.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(AdapterError, match="not a supported Qwen-VL family"):
+        VLMAdapter.from_pretrained(tmp_path)
+    adapter = adapters("qwen2_vl")
+    with pytest.raises(AdapterError, match="sample 1: its text contains the vision token"):
+        adapter.encode([Sample("fine"), Sample("sneaky <|image_pad|>")])
+    with pytest.raises(AdapterError, match="group_size"):
+        adapter.generate(adapter.encode([Sample("x")]), 0)
