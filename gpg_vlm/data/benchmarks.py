@@ -2,7 +2,8 @@
 
 Each adapter is a small function `(source, record, ctx) -> list of schema records`, run
 through the same validation, image checks and `on_bad_row` policy as `load_rows`. The
-benchmark's own fields go to `Row.extra` for per-task reporting. Conventions:
+benchmark's own fields go to `Row.extra`; `extra["category"]` is the group a benchmark
+reports per (CV-Bench task, SAT question_type, MathVista metadata task). Conventions:
 
 - multiple choice: `choices` holds the option texts, `solution` the correct option's text,
   and `problem` lists the options as "(A) ...", the way CV-Bench and MathVista present them;
@@ -62,10 +63,10 @@ def cvbench(source: str, record: dict, ctx: Context) -> list[dict]:
         raise DataError(f"{source}: field 'answer' {answer!r} does not name one of {len(choices)} choices")
     prompt = record.get("prompt") or f"{question} Select from the following choices.\n{_letters(choices)}"
     image = record.get("image") or _field(record, "filename", source)
-    keep = ("idx", "type", "task", "source", "source_dataset", "source_filename", "target_class", "target_size", "bbox")
+    keep = ("idx", "type", "source", "source_dataset", "source_filename", "target_class", "target_size", "bbox")
     extra = {k: record[k] for k in keep if k in record}
-    extra["answer"] = answer
-    return [dict(image=image, problem=prompt, solution=choices[index], task="reasoning", choices=choices, **extra)]
+    extra.update(category=record.get("task"), answer=answer)
+    return [dict(image=image, problem=prompt, solution=choices[index], task="reasoning", choices=choices, extra=extra)]
 
 
 def sat(source: str, record: dict, ctx: Context) -> list[dict]:
@@ -81,7 +82,7 @@ def sat(source: str, record: dict, ctx: Context) -> list[dict]:
             solution=correct,
             task="reasoning",
             choices=answers,
-            question_type=record.get("question_type"),
+            extra={"category": record.get("question_type")},
         )
     ]
 
@@ -132,9 +133,10 @@ def mathvista(source: str, record: dict, ctx: Context) -> list[dict]:
             raise DataError(f"{source}: field 'answer' {answer!r} is not a valid {kind}") from None
     keep = ("pid", "question_type", "answer_type", "precision", "unit", "metadata")
     extra = {k: record.get(k) for k in keep}
-    extra["answer"] = answer
+    metadata = record.get("metadata")
+    extra.update(answer=answer, category=metadata.get("task") if isinstance(metadata, dict) else None)
     return [dict(image=_field(record, "image", source, (str, dict, bytes)), problem=f"Hint: {hint}\n{body}",
-                 solution=solution, task="reasoning", choices=choices, **extra)]
+                 solution=solution, task="reasoning", choices=choices, extra=extra)]
 
 
 _REF_PROMPT = "Please give the bounding box of the region this sentence describes: {}"
@@ -153,11 +155,11 @@ def refcoco(source: str, record: dict, ctx: Context) -> list[dict]:
         image = record.get("image") or _field(record, "file_name", source)
         keep = {k: record[k] for k in ("question_id", "file_name") if k in record}
         return [dict(image=image, problem=_REF_PROMPT.format(e), solution=[x, y, x + w, y + h],
-                     task="grounding", expression=e, **keep) for e in expressions]
+                     task="grounding", extra=dict(keep, expression=e)) for e in expressions]
     expression = _field(record, "problem", source)
     keep = {k: v for k, v in record.items() if k not in ("image", "problem", "solution")}
     return [dict(image=_field(record, "image", source), problem=_REF_PROMPT.format(expression),
-                 solution=_field(record, "solution", source, list), task="grounding", expression=expression, **keep)]
+                 solution=_field(record, "solution", source, list), task="grounding", extra=dict(keep, expression=expression))]
 
 
 def _lisa_records(folder: Path) -> list[tuple[str, Any]]:
@@ -192,7 +194,8 @@ def lisa(source: str, record: dict, ctx: Context) -> list[dict]:
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     box = [min(xs), min(ys), max(xs), max(ys)]
     return [dict(image=image, problem=_REF_PROMPT.format(t), solution=box, task="grounding",
-                 is_sentence=record.get("is_sentence"), text_index=i, image_id=stem) for i, t in enumerate(texts)]
+                 extra={"is_sentence": record.get("is_sentence"), "text_index": i, "image_id": stem})
+            for i, t in enumerate(texts)]
 
 
 def fewshot(source: str, record: dict, ctx: Context) -> list[dict]:
@@ -213,7 +216,7 @@ def fewshot(source: str, record: dict, ctx: Context) -> list[dict]:
     problem = "What is the category of this image?"
     if ctx.options.get("list_classes", True):
         problem += " Answer with one of: " + "; ".join(classes) + "."
-    return [dict(image=image, problem=problem, solution=name, task="classification", choices=classes, label=label)]
+    return [dict(image=image, problem=problem, solution=name, task="classification", choices=classes, extra={"label": label})]
 
 
 def _fewshot_classes(path: Path, classes: str | Path | None) -> list[str]:
@@ -275,8 +278,12 @@ def load_benchmark(
         if not isinstance(record, dict):
             raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
         made = adapter(source, record, ctx)
-        return [make_row(r, source + (f"#{i}" if len(made) > 1 else ""), ctx.image_root, ctx.root)
-                for i, r in enumerate(made)]
+        rows = []
+        for i, fields in enumerate(made):
+            extra = fields.pop("extra", None)
+            where = source + (f"#{i}" if len(made) > 1 else "")
+            rows.append(make_row(fields, where, ctx.image_root, ctx.root, extra))
+        return rows
 
     records = _lisa_records(path) if name == "lisa" else read_records(path)
     return build_rows(records, convert, on_bad_row, check_images)

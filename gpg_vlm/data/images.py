@@ -66,7 +66,7 @@ def _open_lazy(src: Any, where: str) -> Image.Image:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(fp)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise DataError(f"{where}: image {describe(src)} refused as a decompression bomb: {exc}") from None
+            raise DataError(f"{where}: image {describe(src)} refused as a decompression bomb (over {MAX_PIXELS} pixels): {exc}") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"{where}: cannot read image {describe(src)}: {exc}") from None
     w, h = img.size

@@ -189,8 +189,6 @@ def make_row(
         if not (isinstance(choices, (list, tuple)) and choices and all(isinstance(c, str) for c in choices)):
             raise DataError(f"{source}: field 'choices' must be a non-empty list of strings, got {choices!r:.80}")
         choices = list(choices)
-        if len(set(choices)) != len(choices):
-            raise DataError(f"{source}: field 'choices' has duplicates: {choices}")
         if str(solution) not in choices:
             raise DataError(f"{source}: field 'solution' {solution!r} is not one of the choices {choices}")
     kept = {k: v for k, v in record.items() if k not in FIELDS}
