@@ -41,7 +41,7 @@ FRAMES = ("rel1000", "abs_resized", "abs")
 _NUM = r"\s*(-?\d{1,9}(?:\.\d{1,9})?)\s*"
 _BOX = re.compile(
     r"\[" + ",".join([_NUM] * 4) + r"\]"
-    + r"|\(" + _NUM + "," + _NUM + r"\)\s*,?\s*\(" + _NUM + "," + _NUM + r"\)"
+    + r"|\(" + _NUM + "," + _NUM + r"\)\s*(?:,\s*)?\(" + _NUM + "," + _NUM + r"\)"
 )
 
 Box = tuple[float, float, float, float]

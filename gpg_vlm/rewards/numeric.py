@@ -45,7 +45,7 @@ _REPLACEMENTS = [
     ("\\sqrt", "√"), ("\\pi", "π"),
 ]
 _UNWRAP = re.compile(r"\\(?:text|mathrm|mbox|textrm|operatorname)\s*\{([^{}]*)\}")
-_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+|correct\s+)?answer\s*(?:is\s*:?|:)\s*", re.I)
+_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+|correct\s+)?answer\s*(?:is\b\s*(?::\s*)?|:\s*)", re.I)
 _THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d,])")
 _PI_WORD = re.compile(r"(?<![^\W\d_])pi(?![^\W\d_])", re.I)
 _TOKEN = re.compile(r"\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d{1,3})?|\.\d+(?:[eE][-+]?\d{1,3})?|\\frac|[-+*/^(){}\[\]√π])")

@@ -5,8 +5,8 @@ applies it to a batch. A completion without an answer scores 0 (see answer.py).
 
 Multiple choice (a non-empty `choices` list): both the answer and the solution are resolved
 to a choice index and compared.
-- The answer selects a choice by its text (normalised as in classification.py), by a letter
-  in a common form ("C", "c", "(C)", "[C]", "C.", "C)", "C:", after an optional "the answer
+- The answer selects a choice by its text (compared under `_key`, see 4. below), by a letter
+  in a common form ("C", "c", "(C)", "(C).", "[C]", "C.", "C)", "C:", after an optional "the answer
   is"/"option"), by a letter followed by that same choice's text ("C) 1", "(C) 1"), or by a
   value equal to exactly one choice's value ("140" selects "140°"). A letter followed by
   anything else ("A or B", "C is right") selects nothing.
@@ -24,7 +24,9 @@ Free form (no choices), tried in this order:
    200 characters, no English words, only harmless LaTeX commands, no factorials, no
    exponents beyond two digits or nested exponents. Both sides are read as LaTeX in full (its
    default extraction would find "5" inside "3 or 5", or 8 inside "8\\sqrt{3}").
-4. normalised text equality ("Yes" vs "yes").
+4. text equality under `_key`: words normalised as in classification.py ("Yes" = "yes."),
+   but text with digits or maths symbols only case- and space-folded, since stripping edge
+   punctuation would equate "-5" and "5" or "-x" and "x".
 
 Deliberately left out: partial credit, fuzzy or nearest-choice matching (MathVista's own
 scorer picks the most similar choice; we do not), several answers for one question, and
@@ -32,6 +34,7 @@ unit conversion.
 """
 
 import re
+import unicodedata
 
 from gpg_vlm.rewards._columns import check_columns, per_item
 from gpg_vlm.rewards.answer import extract_answer
@@ -39,9 +42,9 @@ from gpg_vlm.rewards.classification import normalize_text
 from gpg_vlm.rewards.numeric import MAX_LENGTH, close, value_of
 
 _INTRO = re.compile(
-    r"^(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)(?![a-z])\s*(?:is\s*:?|:)?\s*", re.I
+    r"^(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)(?![a-z])\s*(?:is\b\s*)?(?::\s*)?", re.I
 )
-_LETTER = re.compile(r"(?:\(([a-z])\)|\[([a-z])\]|([a-z])(?:[.):]|(?=\s)|$))\s*(.*)", re.I | re.S)
+_LETTER = re.compile(r"(?:\(([a-z])\)[.:]?|\[([a-z])\][.:]?|([a-z])(?:[.):]|(?=\s)|$))\s*(.*)", re.I | re.S)
 _SOLUTION_LETTER = re.compile(r"\(?([A-Za-z])\)?\.?")
 
 _SAFE_COMMANDS = {
@@ -51,7 +54,15 @@ _SAFE_COMMANDS = {
     "alpha", "beta", "gamma", "delta", "theta", "lambda", "mu", "sigma", "phi", "omega",
     "angle", "degree",
 }
+_MATHS = re.compile(r"[\d+\-*/^=√π\\{}()\[\]<>]")
 _mv = None  # math_verify module once imported, False when it is not installed
+
+
+def _key(text: str) -> str:
+    """Comparison key of a choice or short answer (module docstring, free form 4.)."""
+    if _MATHS.search(text):
+        return "".join(unicodedata.normalize("NFKC", text).casefold().split()).rstrip(".")
+    return normalize_text(text)
 
 
 def _letter_index(text: str, n_choices: int) -> tuple[int, str] | None:
@@ -72,8 +83,8 @@ def _value_index(text: str, choices: list[str]) -> int | None:
 
 
 def _choice_index(text: str, choices: list[str], as_solution: bool) -> int | None:
-    norm = normalize_text(text)
-    texts = [normalize_text(c) for c in choices]
+    norm = _key(text)
+    texts = [_key(c) for c in choices]
     if norm and norm in texts:
         return texts.index(norm)
     if as_solution:
@@ -86,7 +97,7 @@ def _choice_index(text: str, choices: list[str], as_solution: bool) -> int | Non
         index, rest = lettered
         if not rest:
             return index
-        same = normalize_text(rest) == texts[index] or _value_index(rest, choices) == index
+        same = _key(rest) == texts[index] or _value_index(rest, choices) == index
         return index if same else None
     return _value_index(text, choices)
 
@@ -151,7 +162,7 @@ def answers_match(answer: str, solution, choices=None, precision=None) -> bool:
         want = _choice_index(solution, choices, as_solution=True)
         got = _choice_index(answer, choices, as_solution=False)
         return want is not None and got is not None and (
-            got == want or normalize_text(choices[got]) == normalize_text(choices[want])
+            got == want or _key(choices[got]) == _key(choices[want])
         )
     letter = _SOLUTION_LETTER.fullmatch(solution)
     if letter:
@@ -165,8 +176,8 @@ def answers_match(answer: str, solution, choices=None, precision=None) -> bool:
         return close(got, want)
     if _verify_symbolically(answer, solution):
         return True
-    norm = normalize_text(answer)
-    return bool(norm) and norm == normalize_text(solution)
+    key = _key(answer)
+    return bool(key) and key == _key(solution)
 
 
 def reasoning_reward(
