@@ -63,7 +63,9 @@ def accuracy_reward(completions: list, task: list, **columns) -> list[float]:
     for i, (completion, name) in enumerate(zip(completions, tasks)):
         fn = TASK_REWARDS.get(name) if isinstance(name, str) else None
         if fn is None:
-            raise ValueError(f"row {i}: unknown task {name!r}; expected one of {sorted(TASK_REWARDS)}")
+            raise ValueError(
+                f"row {i}: unknown task {name!r}; expected one of {sorted(TASK_REWARDS)}"
+            )
         row = {k: [v[i]] if isinstance(v, list) else v for k, v in columns.items()}
         rewards.extend(fn([completion], **row))
     return rewards

@@ -174,7 +174,7 @@ def max_assignment(scores: list[list[float]]) -> float:
 
 
 def box_reward(predicted: list[Box], truth: list[Box], iou_threshold: float | None = None) -> float:
-    """Matched score / max(P, G) for boxes in one frame (module docstring); 0.0 if either is empty."""
+    """Matched score / max(P, G) of boxes in one frame (module docstring); 0.0 if one is empty."""
     if not predicted or not truth:
         return 0.0
     scores = []

@@ -1,4 +1,4 @@
-"""Read a short answer as one real number: "140°", "8√{3}", "\\frac{2}{5}√{5}", "1,000 cm", "four".
+"""Read a short answer as one real number: "140°", "8√{3}", "\\frac{2}{5}√{5}", "1,000", "four".
 
 `value_of(text)` returns a float or None; it never raises and never evaluates anything
 unbounded. Steps:
@@ -45,10 +45,15 @@ _REPLACEMENTS = [
     ("\\sqrt", "√"), ("\\pi", "π"),
 ]
 _UNWRAP = re.compile(r"\\(?:text|mathrm|mbox|textrm|operatorname)\s*\{([^{}]*)\}")
-_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+|correct\s+)?answer\s*(?:is\b\s*(?::\s*)?|:\s*)", re.I)
+_PREFIX = re.compile(
+    r"^(?:the\s+)?(?:final\s+|correct\s+)?answer\s*(?:is\b\s*(?::\s*)?|:\s*)", re.I
+)
 _THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d,])")
 _PI_WORD = re.compile(r"(?<![^\W\d_])pi(?![^\W\d_])", re.I)
-_TOKEN = re.compile(r"\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d{1,3})?|\.\d+(?:[eE][-+]?\d{1,3})?|\\frac|[-+*/^(){}\[\]√π])")
+_TOKEN = re.compile(
+    r"\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d{1,3})?|\.\d+(?:[eE][-+]?\d{1,3})?"
+    r"|\\frac|[-+*/^(){}\[\]√π])"
+)
 _UNIT_WORD = re.compile(r"[^\W\d_]+\.?(?:\^\{?\d\}?\^?)?")
 _CONNECTIVES = {
     "or", "and", "to", "nor", "not", "than", "more", "less", "about", "approximately",

@@ -42,9 +42,13 @@ from gpg_vlm.rewards.classification import normalize_text
 from gpg_vlm.rewards.numeric import MAX_LENGTH, close, value_of
 
 _INTRO = re.compile(
-    r"^(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)(?![a-z])\s*(?:is\b\s*)?(?::\s*)?", re.I
+    r"^(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)(?![a-z])"
+    r"\s*(?:is\b\s*)?(?::\s*)?",
+    re.I,
 )
-_LETTER = re.compile(r"(?:\(([a-z])\)[.:]?|\[([a-z])\][.:]?|([a-z])(?:[.):]|(?=\s)|$))\s*(.*)", re.I | re.S)
+_LETTER = re.compile(
+    r"(?:\(([a-z])\)[.:]?|\[([a-z])\][.:]?|([a-z])(?:[.):]|(?=\s)|$))\s*(.*)", re.I | re.S
+)
 _SOLUTION_LETTER = re.compile(r"\(?([A-Za-z])\)?\.?")
 
 _SAFE_COMMANDS = {
