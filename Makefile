@@ -10,7 +10,7 @@ install:
 # Fashion-MNIST ships in Debian (dataset-fashion-mnist, MIT). Without root or apt the demo
 # falls back to the small sample committed in the package.
 data-package:
-	@if [ ! -d /usr/share/dataset-fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
 
 demo: install data-package

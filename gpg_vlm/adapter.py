@@ -146,6 +146,29 @@ class PromptBatch:
         )
 
 
+    @staticmethod
+    def concat(batches: Sequence["PromptBatch"], pad_token_id: int) -> "PromptBatch":
+        """One batch holding the prompts of `batches` in order, left padding re-aligned."""
+        width = max(b.input_ids.shape[1] for b in batches)
+
+        def left_pad(t, value):
+            return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+        pixels = [b.pixel_values for b in batches if b.pixel_values is not None]
+        grids = [b.image_grid_thw for b in batches if b.image_grid_thw is not None]
+        return PromptBatch(
+            input_ids=torch.cat([left_pad(b.input_ids, pad_token_id) for b in batches]),
+            attention_mask=torch.cat([left_pad(b.attention_mask, 0) for b in batches]),
+            mm_token_type_ids=torch.cat([left_pad(b.mm_token_type_ids, 0) for b in batches]),
+            pixel_values=torch.cat(pixels) if pixels else None,
+            image_grid_thw=torch.cat(grids) if grids else None,
+            images_per_prompt=[n for b in batches for n in b.images_per_prompt],
+            image_sizes=[s for b in batches for s in b.image_sizes],
+            model_image_sizes=[s for b in batches for s in b.model_image_sizes],
+            texts=[t for b in batches for t in b.texts],
+        )
+
+
 @dataclass
 class Rollout:
     """B = N*G sampled completions; rows of one prompt are contiguous."""
@@ -156,6 +179,33 @@ class Rollout:
     logprobs: torch.Tensor  # (B, T), log-probs of the sampled tokens, 0 where masked
     texts: list[str]  # B decoded completions (special tokens removed)
     truncated: torch.Tensor  # (B,) bool: ended by max_new_tokens, not by an EOS token
+
+    def select(self, rows: torch.Tensor, prompt_index: torch.Tensor) -> "Rollout":
+        """The completions `rows`, answering prompts renumbered as `prompt_index`. (b,)"""
+        return Rollout(prompt_index, self.completion_ids[rows], self.completion_mask[rows],
+                       self.logprobs[rows], [self.texts[i] for i in rows.tolist()],
+                       self.truncated[rows])
+
+    @staticmethod
+    def concat(rollouts: Sequence["Rollout"], pad_token_id: int) -> "Rollout":
+        """Completions of consecutive prompt batches; prompt indices are offset to match."""
+        width = max(r.completion_ids.shape[1] for r in rollouts)
+
+        def right_pad(t, value):
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        offsets, n = [], 0
+        for r in rollouts:
+            offsets.append(n)
+            n += int(r.prompt_index.max()) + 1 if r.prompt_index.numel() else 0
+        return Rollout(
+            torch.cat([r.prompt_index + o for r, o in zip(rollouts, offsets)]),
+            torch.cat([right_pad(r.completion_ids, pad_token_id) for r in rollouts]),
+            torch.cat([right_pad(r.completion_mask, 0) for r in rollouts]),
+            torch.cat([right_pad(r.logprobs, 0.0) for r in rollouts]),
+            [t for r in rollouts for t in r.texts],
+            torch.cat([r.truncated for r in rollouts]),
+        )
 
 
 def _read_chat_template(path: Path, tokenizer) -> str:
@@ -216,6 +266,8 @@ class VLMAdapter:
                 suppressed[ids[t]] = True
         suppressed[len(tokenizer):] = True  # rows the tokenizer cannot produce or decode
         self.suppressed = suppressed  # (V,)
+        # the training forward; a trainer may replace it by a data-parallel wrapper of itself
+        self.scorer = TokenScorer(model, suppressed)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -435,33 +487,20 @@ class VLMAdapter:
         sub = batch.select(prompts.tolist())
         completion_ids = completion_ids.to(device)
         completion_mask = completion_mask.to(device)
-        t = completion_ids.shape[1]
         rows = rows.to(device)
-        prompt_len = sub.input_ids.shape[1]
         input_ids = torch.cat([sub.input_ids.to(device)[rows], completion_ids], dim=1)  # (b, L+T)
         attn = torch.cat([sub.attention_mask.to(device)[rows], completion_mask.long()], dim=1)
         mm = torch.cat([sub.mm_token_type_ids.to(device)[rows],
                         torch.zeros_like(completion_ids)], dim=1)
-        # Completion tokens the sampler could not have produced (pad after the end) are fine:
-        # they are masked. A suppressed token inside the mask would be a vision token in text.
-        encoder_outputs = grid = None
+        pixel_values = grid = row_images = row_grid = None
         if sub.image_grid_thw is not None:
-            features = self.model.model.get_image_features(
-                sub.pixel_values.to(device, self.model.dtype), sub.image_grid_thw.to(device),
-                return_dict=True)
-            per_row = sub.image_indices(rows.tolist())  # images of each row's prompt, in order
-            encoder_outputs = {"image": _reindex_features(features, per_row)}
-            grid = sub.image_grid_thw.to(device)[per_row]
-        pos = self._positions(input_ids, attn, mm, grid)
-        hidden = self.model.model(
-            input_ids=input_ids, attention_mask=attn, position_ids=pos, image_grid_thw=grid,
-            mm_token_type_ids=mm, mm_encoder_outputs=encoder_outputs, use_cache=False,
-        ).last_hidden_state  # (b, L+T, H)
-        # the logits that predict completion token j sit at position L - 1 + j
-        logits = self.model.lm_head(hidden[:, prompt_len - 1: prompt_len - 1 + t])  # (b, T, V)
-        scores = self._scores(logits, temperature, self.suppressed.to(device))
-        logp = torch.log_softmax(scores, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-        return torch.where(completion_mask.bool(), logp, torch.zeros_like(logp))  # (b, T)
+            pixel_values = sub.pixel_values.to(device, self.model.dtype)
+            grid = sub.image_grid_thw.to(device)
+            row_images = sub.image_indices(rows.tolist())  # images of each row's prompt, in order
+            row_grid = grid[row_images]
+        positions = self._positions(input_ids, attn, mm, row_grid)
+        return self.scorer(input_ids, attn, positions, mm, pixel_values, grid, row_images,
+                           sub.input_ids.shape[1], completion_ids, completion_mask, temperature)
 
     def micro_batches(self, batch: PromptBatch, prompt_index: torch.Tensor,
                       completion_mask: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
@@ -495,6 +534,43 @@ class VLMAdapter:
                                mask[:, :t], temperature)
             out[idx, :t] = lp.float().cpu()
         return out
+
+
+class TokenScorer(torch.nn.Module):
+    """The training forward as a module, so a data-parallel wrapper sees every call.
+
+    Encodes the micro-batch's images once, hands each row the features of its own prompt's
+    images (`row_images`), runs the decoder, and returns the log-probs (b, T) of the
+    completion tokens under the tempered, vision-token-masked distribution.
+    """
+
+    def __init__(self, model, suppressed: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.suppressed = suppressed  # (V,) bool, not a parameter
+
+    def forward(self, input_ids, attention_mask, position_ids, mm_token_type_ids, pixel_values,
+                image_grid_thw, row_images, prompt_len: int, completion_ids, completion_mask,
+                temperature: float):
+        model = self.model
+        encoder_outputs = row_grid = None
+        if image_grid_thw is not None:
+            features = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+            encoder_outputs = {"image": _reindex_features(features, row_images)}
+            row_grid = image_grid_thw[row_images]
+        hidden = model.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            image_grid_thw=row_grid, mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=encoder_outputs, use_cache=False,
+        ).last_hidden_state  # (b, L+T, H)
+        t = completion_ids.shape[1]
+        # the logits that predict completion token j sit at position L - 1 + j
+        logits = model.lm_head(hidden[:, prompt_len - 1: prompt_len - 1 + t]).float()  # (b, T, V)
+        if temperature > 0:
+            logits = logits / temperature
+        logits = logits.masked_fill(self.suppressed.to(logits.device), float("-inf"))
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        return torch.where(completion_mask.bool(), logp, torch.zeros_like(logp))  # (b, T)
 
 
 def _reindex_features(features, order: list[int]):

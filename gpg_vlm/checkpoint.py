@@ -1,0 +1,115 @@
+"""Checkpoints that are either complete or absent.
+
+A checkpoint `OUTPUT/checkpoint-STEP/` holds the model and processor files
+(`save_pretrained`, loadable by `gpg-vlm eval` or transformers directly), `optimizer.pt`
+(optimizer and scheduler state, loaded with `torch.load(weights_only=True)`) and
+`trainer_state.json` (step, data position, RNG states, config). It is written into a hidden
+temporary folder and renamed into place, so a process killed while saving leaves the previous
+checkpoint untouched; `latest_checkpoint` only ever returns complete ones.
+
+Deliberately no pickle: every file here is safetensors, JSON or a weights-only torch file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+# processor files copied from the base checkpoint so a checkpoint loads on its own
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+class CheckpointError(RuntimeError):
+    """Saving or loading a checkpoint failed; the message names the folder."""
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model, base_model_dir: str | Path,
+                    optimizer_state: dict, trainer_state: dict, keep: int) -> Path:
+    """Write checkpoint-`step` atomically, then delete all but the newest `keep`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name in PROCESSOR_FILES:
+            src = Path(base_model_dir) / name
+            if src.is_file() and not (tmp / name).exists():
+                shutil.copy2(src, tmp / name)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        # the state file is written last: its presence marks the folder complete
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n", encoding="utf-8")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not save checkpoint {final}: {exc.strerror or exc} "
+                              "(the previous checkpoint is intact)") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in output_dir.glob(".checkpoint-*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint_state(path: str | Path) -> tuple[dict, dict]:
+    """(trainer_state, optimizer_state) of a complete checkpoint folder."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable {STATE_FILE} ({exc})") from None
+    try:
+        optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
+        raise CheckpointError(f"{path}: unreadable {OPTIMIZER_FILE} ({exc})") from None
+    return state, optimizer_state
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

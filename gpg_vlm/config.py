@@ -1,0 +1,265 @@
+"""The training configuration: one dataclass, validated once, never mutated at run time.
+
+`TrainConfig.from_yaml(path, overrides)` reads a YAML file and `key=value` overrides (values
+parsed as YAML, so `rewards={accuracy: 1.0}` and `lr=1e-5` work). Unknown keys, wrong types
+and impossible values are errors whose message names the key and lists what is valid.
+
+Every default below has a reason written next to it. "The paper" is GPG (arXiv 2504.02546)
+and its released multimodal training scripts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ALGORITHMS = ("gpg", "grpo", "dr_grpo")
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration the trainer cannot run; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- what to train on
+    model: str = ""
+    """Checkpoint directory (Qwen2-VL, Qwen2.5-VL or Qwen3-VL)."""
+    data: str = ""
+    """Training rows: JSONL, parquet or a `save_to_disk` folder in the schema of data/README.md."""
+    eval_data: str | None = None
+    """Held-out rows scored greedily every `eval_steps` (None: no evaluation)."""
+    output_dir: str = "runs/gpg"
+    """Where metrics, TensorBoard events and checkpoints go."""
+
+    # --- algorithm
+    algorithm: str = "gpg"
+    """gpg (the paper), grpo (ratio clipping + KL to a reference) or dr_grpo (no std, constant length norm)."""
+    group_size: int = 8
+    """G completions per prompt; the paper's multimodal scripts sample 8 (VLM-R1/R1-V settings)."""
+    prompts_per_step: int = 16
+    """N prompts per optimizer step, over all processes (each takes N / world_size)."""
+    beta_th: float = 0.4
+    """Resample while informative groups < beta_th * N; 0.4 as in the paper's multimodal scripts (0.6 was its best text run)."""
+    max_resample_tries: int = 3
+    """Extra prompt draws allowed per step for beta_th; bounds the cost of a step."""
+    scale_by_std: bool | None = None
+    """Divide advantages by the group std. None: the algorithm's own choice (gpg: no, grpo: yes, dr_grpo: no)."""
+    token_mean: bool = False
+    """Average the loss over all tokens of the batch (the paper's text code) instead of per completion then over completions (its multimodal code)."""
+    clip_eps: float = 0.2
+    """GRPO ratio clipping; 0.2 is the PPO/GRPO standard."""
+    kl_beta: float = 0.04
+    """GRPO KL weight to the frozen reference; 0.04 as in DeepSeekMath GRPO and TRL. The reference is loaded only when > 0."""
+
+    # --- rewards and prompts
+    rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
+    """Reward name -> weight. Names: accuracy (the row's task), format, classification, reasoning, grounding, or package.module:function."""
+    prompt_template: str = ("{problem} Output the thinking process in <think> </think> and the "
+                            "final answer in <answer> </answer> tags.")
+    """User text; `{problem}` is replaced by the row's problem (the R1-style template the paper uses)."""
+    answer_only: bool = False
+    """Format reward accepts `<answer>...</answer>` alone (for models trained to answer without thinking)."""
+
+    # --- sampling
+    max_new_tokens: int = 256
+    """Completion length limit; also Dr.GRPO's constant length normaliser."""
+    temperature: float = 1.0
+    """Sampling temperature; 1.0 samples the policy itself, which the on-policy gradient assumes."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 (off) keeps the sampler equal to the policy."""
+    top_k: int = 0
+    """Top-k sampling; 0 is off."""
+    min_pixels: int | None = None
+    """Lower bound on image pixels (None: 4 visual tokens, the qwen-vl-utils default)."""
+    max_pixels: int | None = None
+    """Upper bound on image pixels (None: 16384 visual tokens, the qwen-vl-utils default)."""
+
+    # --- optimisation
+    learning_rate: float = 1e-6
+    """AdamW learning rate; 1e-6 as in the paper's Qwen2-VL-2B / Qwen2.5-VL-3B scripts."""
+    lr_schedule: str = "constant"
+    """constant, linear (decay to 0) or cosine (to 0), after `warmup_steps`."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay; RL fine-tuning usually uses none."""
+    adam_betas: tuple = (0.9, 0.999)
+    """AdamW betas (PyTorch defaults)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm; 1.0 as in TRL and the paper's scripts. 0 turns it off."""
+    max_steps: int = 100
+    """Optimizer steps to run (a step that makes no update still counts)."""
+    micro_batch_tokens: int = 16384
+    """Padded tokens per training-forward micro-batch; bounds activation memory."""
+    seed: int = 0
+    """Seeds data order, sampling and initialisation of LoRA weights."""
+    dtype: str = "float32"
+    """Model weights dtype: float32, bfloat16 or float16."""
+    attn_implementation: str | None = None
+    """sdpa, eager or flash_attention_2 (None: flash_attention_2 on GPU when installed, else sdpa)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% more time."""
+    freeze_vision: bool = False
+    """Train only the language model (the vision tower and merger stay fixed)."""
+    lora_r: int = 0
+    """LoRA rank through peft; 0 trains all (unfrozen) weights."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """LoRA dropout."""
+    lora_target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Module names LoRA adapts (language model attention by default)."""
+
+    # --- bookkeeping
+    eval_steps: int = 0
+    """Evaluate every this many steps (0: only at the start and the end when eval_data is set)."""
+    eval_limit: int | None = None
+    """Score at most this many eval rows (None: all)."""
+    save_steps: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    save_total_limit: int = 2
+    """Keep the newest K checkpoints."""
+    log_every: int = 1
+    """Print a metrics line every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events next to metrics.jsonl."""
+    on_bad_row: str = "error"
+    """error: stop at the first bad dataset row; skip: count, log and drop it."""
+    max_nonfinite_steps: int = 3
+    """Stop after this many consecutive NaN/Inf losses or gradients (each is skipped and logged)."""
+    trust_remote_code: bool = False
+    """Let transformers run code shipped with the checkpoint. Off: checkpoints are data."""
+
+    def __post_init__(self):
+        def bad(key, why):
+            raise ConfigError(f"config key {key!r}: {why}")
+
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        if not self.model:
+            bad("model", "is required (a checkpoint directory; `gpg-vlm make-tiny-model` builds one)")
+        if not self.data:
+            bad("data", "is required (a JSONL, parquet or save_to_disk path)")
+        if self.algorithm not in ALGORITHMS:
+            bad("algorithm", f"{self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+        if self.group_size < 2:
+            bad("group_size", f"must be >= 2 (a group of one has no advantage), got {self.group_size}")
+        if self.prompts_per_step < 1:
+            bad("prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+        if not 0.0 <= self.beta_th <= 1.0:
+            bad("beta_th", f"must be in [0, 1], got {self.beta_th}")
+        if self.max_resample_tries < 0:
+            bad("max_resample_tries", f"must be >= 0, got {self.max_resample_tries}")
+        if self.lr_schedule not in SCHEDULES:
+            bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.on_bad_row not in ("error", "skip"):
+            bad("on_bad_row", f"{self.on_bad_row!r} is not one of error, skip")
+        for key in ("learning_rate", "max_new_tokens", "max_steps", "micro_batch_tokens",
+                    "save_total_limit", "log_every", "max_nonfinite_steps"):
+            if getattr(self, key) <= 0:
+                bad(key, f"must be > 0, got {getattr(self, key)}")
+        for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
+                    "lora_r", "clip_eps", "kl_beta", "top_k", "lora_dropout"):
+            if getattr(self, key) < 0:
+                bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            bad("temperature", f"must be > 0 for training (the policy gradient needs sampling), got {self.temperature}")
+        if "{problem}" not in self.prompt_template:
+            bad("prompt_template", "must contain {problem}")
+        if not self.rewards:
+            bad("rewards", "needs at least one reward, e.g. {accuracy: 1.0}")
+        for name, weight in self.rewards.items():
+            if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                bad("rewards", f"entries are name: weight, got {name!r}: {weight!r}")
+        if len(self.adam_betas) != 2:
+            bad("adam_betas", f"needs two values, got {self.adam_betas!r}")
+
+    # ------------------------------------------------------------ derived
+    @property
+    def std_scaling(self) -> bool:
+        if self.scale_by_std is not None:
+            return self.scale_by_std
+        return self.algorithm == "grpo"
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.algorithm in ("grpo", "dr_grpo") and self.kl_beta > 0
+
+    # ------------------------------------------------------------ reading
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: expected a mapping of key: value, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                              f"valid keys: {', '.join(cls.keys())}")
+        values = {k: tuple(v) if isinstance(v, list) and k in ("adam_betas", "lora_target_modules")
+                  else v for k, v in values.items()}
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | None, overrides: list[str] = ()) -> "TrainConfig":
+        import yaml
+
+        values: dict = {}
+        where = "command line"
+        if path:
+            where = str(path)
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"config file {path} is not UTF-8 text") from None
+            try:
+                values = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            if not isinstance(values, dict):
+                raise ConfigError(f"config file {path}: expected a mapping of key: value")
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {item!r} must look like key=value")
+            try:
+                values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                values[key.strip()] = raw
+        return cls.from_dict(values, where)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_type(name: str, value, annotation) -> None:
+    """Raise ConfigError unless `value` fits the field's annotation (ints pass as floats)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")) else (hint,)
+    for t in allowed:
+        if t is type(None) and value is None:
+            return
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if t in (str, bool, dict, tuple) and isinstance(value, t):
+            return
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"config key {name!r}: expected {names}, got {type(value).__name__} {value!r}")
