@@ -207,8 +207,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
                               f"valid keys: {', '.join(cls.keys())}")
-        values = {k: tuple(v) if isinstance(v, list) and k in ("adam_betas", "lora_target_modules")
-                  else v for k, v in values.items()}
+        hints = typing.get_type_hints(cls)
+        values = {k: _coerce(v, hints[k]) for k, v in values.items()}
         return cls(**values)
 
     @classmethod
@@ -246,6 +246,19 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _coerce(value, hint):
+    """YAML-friendly conversions: lists to tuples, and '1e-3' (a string in YAML 1.1) to float."""
+    allowed = typing.get_args(hint) or (hint,)
+    if isinstance(value, list) and tuple in allowed:
+        return tuple(value)
+    if isinstance(value, str) and float in allowed:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _check_type(name: str, value, annotation) -> None:

@@ -66,7 +66,7 @@ class PromptStream:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, resume: Path | None = None):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -101,7 +101,9 @@ class Trainer:
         load = dict(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                     device=self.acc.device, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                     trust_remote_code=cfg.trust_remote_code)
-        self.adapter = VLMAdapter.from_pretrained(cfg.model, **load)
+        # a full-weights checkpoint loads like any model directory; LoRA ones hold the LoRA only
+        weights_dir = resume if resume is not None and not cfg.lora_r else cfg.model
+        self.adapter = VLMAdapter.from_pretrained(weights_dir, **load)
         self.reference = VLMAdapter.from_pretrained(cfg.model, **load) if cfg.uses_reference else None
         if self.reference is not None:
             self.reference.model.requires_grad_(False).eval()
@@ -116,6 +118,8 @@ class Trainer:
         self.nonfinite = 0
         self.stop_requested = None
         self.writer = None
+        if resume is not None:
+            self._resume(Path(resume))
 
     # ------------------------------------------------------------- set-up
     def _setup_trainable(self, model) -> list:
@@ -231,6 +235,8 @@ class Trainer:
         num_completions = float(mask.shape[0])  # every rank holds B / W rows: global B / W
         num_tokens = self._sum_over_processes(int(mask.sum())) / world
         metrics = self._rollout_metrics(rows, rollout, scores, informative, alpha, tries)
+        if world > 1:  # every process must have computed the same global alpha
+            metrics["alpha_per_process"] = self._gather_floats(float(alpha))
 
         loss_total, updated = 0.0, False
         if informative == 0 and self.reference is None:
@@ -339,6 +345,15 @@ class Trainer:
             m[f"accuracy/{task}"] = float(scores["accuracy"][sel].mean())
         return m
 
+    def _gather_floats(self, value: float) -> list[float]:
+        t = torch.tensor([value], dtype=torch.float64, device=self.acc.device)
+        return self.acc.gather(t).tolist()
+
+    def parameter_checksum(self) -> float:
+        """A float fingerprint of the trainable weights (equal on every data-parallel process)."""
+        with torch.no_grad():
+            return float(sum((p.double() * (i + 1)).sum() for i, p in enumerate(self.params)))
+
     def _sum_over_processes(self, value):
         if self.acc.num_processes == 1:
             return value
@@ -393,14 +408,15 @@ class Trainer:
         dist.all_gather_object(out, state)
         return out
 
-    def resume(self, path: Path) -> None:
+    def _resume(self, path: Path) -> None:
         from gpg_vlm.checkpoint import load_checkpoint_state
 
         state, opt = load_checkpoint_state(path)
         if state.get("world_size") != self.acc.num_processes:
             raise ConfigError(f"{path} was written by {state.get('world_size')} processes; resume "
                               f"with the same number (now {self.acc.num_processes})")
-        self._load_weights(path)
+        if self.cfg.lora_r:
+            self._load_lora(path)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.step = int(state["step"])
         self.nonfinite = int(state.get("nonfinite", 0))
@@ -410,31 +426,21 @@ class Trainer:
         self.sample_gen.set_state(torch.tensor(state["rng"]["sampling"][self.acc.process_index],
                                                dtype=torch.uint8))
 
-    def _load_weights(self, path: Path) -> None:
+    def _load_lora(self, path: Path) -> None:
+        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
-            raise ConfigError(f"{path}: no safetensors weights to resume from")
-        weights = {}
-        for f in files:
-            weights.update(load_file(str(f)))
-        if self.cfg.lora_r:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(self.adapter.model, weights)
-            return
-        missing, unexpected = self.adapter.model.load_state_dict(weights, strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
-        if missing or unexpected:
-            raise ConfigError(f"{path}: weights do not match the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise ConfigError(f"{path}: no adapter_model.safetensors to resume the LoRA run from")
+        result = set_peft_model_state_dict(self.adapter.model, load_file(str(weights)))
+        if getattr(result, "unexpected_keys", None):
+            raise ConfigError(f"{path}: LoRA weights do not match lora_* settings "
+                              f"(unexpected {result.unexpected_keys[:3]})")
 
     # ---------------------------------------------------------------- loop
-    def train(self, resume: Path | None = None) -> list[dict]:
+    def train(self) -> list[dict]:
         cfg = self.cfg
-        if resume is not None:
-            self.resume(resume)
         main = self.acc.is_main_process
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -472,6 +478,10 @@ class Trainer:
                         print(f"\n{self.stop_requested}: saved {path}. Resume with: gpg-vlm train "
                               f"--config <same config> --resume", file=sys.stderr)
                     break
+            if self.acc.num_processes > 1:
+                self._log({"step": self.step,
+                           "parameter_checksums": self._gather_floats(self.parameter_checksum())},
+                          history)
         finally:
             bar.close()
             if self.writer is not None:
@@ -573,8 +583,8 @@ def main(argv: list[str]) -> int:
             if resume is None:
                 print(f"gpg-vlm train: no complete checkpoint in {cfg.output_dir}; starting fresh",
                       file=sys.stderr)
-        trainer = Trainer(cfg)
-        history = trainer.train(resume=resume)
+        trainer = Trainer(cfg, resume=resume)
+        history = trainer.train()
     except ConfigError as exc:
         print(f"gpg-vlm train: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,171 @@
+"""The trainer end to end on a tiny model: it learns something, resumes exactly, runs DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpg_vlm.config import TrainConfig
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def fm_data(tmp_path_factory):
+    """A few Fashion-MNIST classification rows (real images, from the committed sample)."""
+    from gpg_vlm.data.prepare import main as prepare
+
+    out = tmp_path_factory.mktemp("fm")
+    assert prepare(["fashion-mnist", "--out", str(out), "--train-size", "32", "--test-size", "8",
+                    "--tasks", "classification", "--seed", "1"]) == 0
+    return out
+
+
+def make_config(tiny_dirs, fm_data, out, **changes):
+    values = dict(
+        model=str(tiny_dirs("qwen2_vl")), data=str(fm_data / "classification_train.jsonl"),
+        output_dir=str(out), group_size=4, prompts_per_step=4, max_new_tokens=6,
+        learning_rate=1e-3, max_steps=2, rewards={"rewards_for_tests:parity_reward": 1.0},
+        tensorboard=False, lr_schedule="constant", max_resample_tries=0)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def losses(history):
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def test_training_changes_parameters_and_writes_metrics(tiny_dirs, fm_data, tmp_path):
+    from gpg_vlm.adapter import VLMAdapter
+    from gpg_vlm.train import Trainer
+
+    cfg = make_config(tiny_dirs, fm_data, tmp_path / "run", max_steps=3,
+                      eval_data=str(fm_data / "classification_test.jsonl"), tensorboard=True)
+    trainer = Trainer(cfg)
+    assert trainer.reference is None  # GPG never loads a reference model
+    before = [p.detach().clone() for p in trainer.params]
+    history = trainer.train()
+    changed = sum(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.params))
+    assert changed > len(before) // 2
+    steps = [h for h in history if "reward" in h]
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
+    assert any(h["updated"] for h in steps)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*records)
+    for key in ("reward", "reward/rewards_for_tests:parity_reward", "informative_fraction", "alpha",
+                "resample_tries", "completion_length_mean", "completion_length_max", "loss",
+                "grad_norm", "lr", "time_rollout", "time_reward", "time_train",
+                "tokens_per_second", "peak_memory_mb", "accuracy/classification",
+                "eval/accuracy"):
+        assert key in keys, key
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    # the final checkpoint loads on its own, as a model directory
+    ckpt = tmp_path / "run" / "checkpoint-3"
+    adapter = VLMAdapter.from_pretrained(ckpt, device="cpu")
+    loaded = dict(adapter.model.named_parameters())
+    for name, p in trainer.adapter.model.named_parameters():
+        assert torch.equal(loaded[name], p.detach()), name
+
+
+def test_resume_continues_exactly(tiny_dirs, fm_data, tmp_path):
+    from gpg_vlm.checkpoint import latest_checkpoint
+    from gpg_vlm.train import Trainer
+
+    whole = Trainer(make_config(tiny_dirs, fm_data, tmp_path / "whole", max_steps=4)).train()
+    Trainer(make_config(tiny_dirs, fm_data, tmp_path / "split", max_steps=2)).train()
+    resumed = Trainer(make_config(tiny_dirs, fm_data, tmp_path / "split", max_steps=4),
+                      resume=latest_checkpoint(tmp_path / "split"))
+    assert resumed.step == 2
+    second = resumed.train()
+    assert len(losses(second)) == 2
+    first = losses(whole)
+    assert any(abs(x) > 0 for x in first)  # the comparison below is not between zeros
+    for a, b in zip(first[2:], losses(second)):
+        assert abs(a - b) <= 1e-6
+
+
+def test_no_informative_group_makes_no_update(tiny_dirs, fm_data, tmp_path):
+    from gpg_vlm.train import Trainer
+
+    cfg = make_config(tiny_dirs, fm_data, tmp_path / "run", max_steps=1, max_resample_tries=2,
+                      rewards={"rewards_for_tests:zero_reward": 1.0})
+    trainer = Trainer(cfg)
+    before = [p.detach().clone() for p in trainer.params]
+    (step,) = [h for h in trainer.train() if "reward" in h]
+    assert step["skipped"] == "no informative group" and not step["updated"]
+    assert step["resample_tries"] == 2  # beta_th drew more prompts up to the bound
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))
+
+
+def test_grpo_loads_a_frozen_reference_and_trains(tiny_dirs, fm_data, tmp_path):
+    from gpg_vlm.train import Trainer
+
+    trainer = Trainer(make_config(tiny_dirs, fm_data, tmp_path / "run", algorithm="grpo"))
+    assert trainer.reference is not None
+    assert not any(p.requires_grad for p in trainer.reference.model.parameters())
+    ref_before = [p.clone() for p in trainer.reference.model.parameters()]
+    steps = [h for h in trainer.train() if "reward" in h]
+    assert all(h["updated"] for h in steps)
+    assert all(torch.equal(a, b) for a, b in zip(ref_before, trainer.reference.model.parameters()))
+    assert all(h["alpha"] == 1.0 for h in steps)  # alpha is GPG's correction only
+
+
+def test_freeze_vision_and_lora_train_only_what_they_should(tiny_dirs, fm_data, tmp_path):
+    from gpg_vlm.train import Trainer
+
+    trainer = Trainer(make_config(tiny_dirs, fm_data, tmp_path / "fv", freeze_vision=True))
+    vision = [p.detach().clone() for p in trainer.adapter.model.model.visual.parameters()]
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(vision, trainer.adapter.model.model.visual.parameters()))
+
+    trainer = Trainer(make_config(tiny_dirs, fm_data, tmp_path / "lora", lora_r=4))
+    named = dict(trainer.adapter.model.named_parameters())
+    base = {k: v.detach().clone() for k, v in named.items() if "lora_" not in k}
+    lora = {k: v.detach().clone() for k, v in named.items() if "lora_" in k}
+    assert lora and all(p.requires_grad == ("lora_" in k) for k, p in named.items())
+    trainer.train()
+    named = dict(trainer.adapter.model.named_parameters())
+    assert all(torch.equal(v, named[k]) for k, v in base.items())
+    assert any(not torch.equal(v, named[k]) for k, v in lora.items())
+    assert (tmp_path / "lora" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+def test_two_process_ddp_on_cpu(tiny_dirs, fm_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo): one global alpha, identical weights everywhere."""
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", "29533", "-m", "gpg_vlm.cli", "train",
+            f"model={tiny_dirs('qwen2_vl')}", f"data={fm_data / 'classification_train.jsonl'}",
+            f"output_dir={out}", "group_size=4", "prompts_per_step=4", "max_new_tokens=6",
+            "learning_rate=1e-3", "max_steps=2", "tensorboard=false", "max_resample_tries=1",
+            "rewards={'rewards_for_tests:parity_reward': 1.0}"]
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               OMP_NUM_THREADS="1")
+    run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    assert len(steps) == 2
+    for r in steps:
+        assert len(r["alpha_per_process"]) == 2 and len(set(r["alpha_per_process"])) == 1
+    (final,) = [r for r in records if "parameter_checksums" in r]
+    a, b = final["parameter_checksums"]
+    assert a == b
+    assert any(r["updated"] for r in steps)
+
+
+def test_prompts_per_step_must_divide_over_processes(tiny_dirs, fm_data, tmp_path):
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", "29534", "-m", "gpg_vlm.cli", "train",
+            f"model={tiny_dirs('qwen2_vl')}", f"data={fm_data / 'classification_train.jsonl'}",
+            f"output_dir={out}", "prompts_per_step=3", "max_steps=1"]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode != 0
+    assert "'prompts_per_step': 3 is not divisible by the 2 processes" in run.stderr
+    assert 'gpg_vlm/train.py", line' not in run.stderr  # our message, not our stack trace
