@@ -94,6 +94,8 @@ class TrainConfig:
     """Clip the global gradient norm; 1.0 as in TRL and the paper's scripts. 0 turns it off."""
     max_steps: int = 100
     """Optimizer steps to run (a step that makes no update still counts)."""
+    max_minutes: float | None = None
+    """Stop after this much training wall time (then evaluate and save as at the last step); None: no limit."""
     micro_batch_tokens: int = 16384
     """Padded tokens per training-forward micro-batch; bounds activation memory."""
     seed: int = 0
@@ -169,6 +171,8 @@ class TrainConfig:
                     "lora_r", "clip_eps", "kl_beta", "top_k", "lora_dropout"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            bad("max_minutes", f"must be > 0 or null, got {self.max_minutes}")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:

@@ -87,7 +87,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
-        self.rewards = {name: resolve_reward(name) for name in cfg.rewards}
+        self.rewards = {name: resolve_reward(name, answer_only=cfg.answer_only) if name == "format"
+                        else resolve_reward(name) for name in cfg.rewards}
         self.accuracy = accuracy_reward
         self.rows = load_rows(cfg.data, on_bad_row=cfg.on_bad_row)
         if not self.rows:
@@ -151,6 +152,8 @@ class Trainer:
         if cfg.lr_schedule == "constant":
             return 1.0
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        if cfg.max_minutes is not None:  # with a time budget the schedule follows the clock too
+            progress = max(progress, getattr(self, "train_seconds", 0.0) / (60 * cfg.max_minutes))
         if cfg.lr_schedule == "linear":
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -452,11 +455,16 @@ class Trainer:
 
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not main, desc="train",
                    dynamic_ncols=True)
+        self.started = time.perf_counter()
+        self.train_seconds = 0.0  # training time only: evaluation and saving are not counted
         if self.eval_rows is not None and self.step == 0:
             self._log(self._eval_record(), history)
         try:
             while self.step < cfg.max_steps:
+                t = time.perf_counter()
                 metrics = self.train_step()
+                self.train_seconds += time.perf_counter() - t
+                metrics["train_seconds"] = self.train_seconds
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", inf=f"{metrics['informative_fraction']:.2f}")
@@ -467,11 +475,15 @@ class Trainer:
                         f"stopped: {self.nonfinite} consecutive steps had a non-finite loss or "
                         f"gradient; the last good weights are in {path}. Lower learning_rate or "
                         "check the rewards.")
-                last = self.step == cfg.max_steps
+                out_of_time = cfg.max_minutes is not None and self._broadcast_flag(
+                    self.train_seconds >= 60 * cfg.max_minutes)
+                last = self.step == cfg.max_steps or out_of_time
                 if self.eval_rows is not None and (last or (cfg.eval_steps and self.step % cfg.eval_steps == 0)):
                     self._log(self._eval_record(), history)
                 if last or (cfg.save_steps and self.step % cfg.save_steps == 0):
                     self.save()
+                if out_of_time:
+                    break
                 if self.stop_requested:
                     path = self.save()
                     if main:
@@ -490,7 +502,16 @@ class Trainer:
 
     def _eval_record(self) -> dict:
         result = self.evaluate()
-        return {"step": self.step, **{f"eval/{k}": v for k, v in result.items()}}
+        return {"step": self.step, "train_seconds": getattr(self, "train_seconds", 0.0),
+                **{f"eval/{k}": v for k, v in result.items()}}
+
+    def _broadcast_flag(self, flag: bool) -> bool:
+        """Process 0's decision, so every process stops at the same step."""
+        if self.acc.num_processes == 1:
+            return flag
+        from accelerate.utils import broadcast_object_list
+
+        return bool(broadcast_object_list([flag])[0])
 
     def _log(self, record: dict, history: list) -> None:
         history.append(record)
