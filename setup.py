@@ -21,10 +21,20 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6",
         "tqdm>=4.60",
+        # metrics.jsonl is always written; TensorBoard events and the demo's curves.png need these
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100", "math-verify>=0.7"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "math-verify>=0.7", "peft>=0.13", "pyarrow>=14"],
+        # LaTeX answers in the reasoning reward (a plain-number and fraction parser works without it)
         "math": ["math-verify>=0.7"],
+        # LoRA training (lora_r > 0)
+        "lora": ["peft>=0.13"],
+        # parquet datasets and benchmark files
+        "parquet": ["pyarrow>=14"],
+        # Hugging Face `save_to_disk` datasets
+        "hf": ["datasets>=2.16"],
         "flash": ["flash-attn>=2.6; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["gpg-vlm=gpg_vlm.cli:main"]},

@@ -140,15 +140,19 @@ def warm_up(model_dir: Path, train_file: Path, out: Path, task: str, settings: D
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    adapter.model.save_pretrained(tmp)
     import shutil
+    import tempfile
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    adapter.model.save_pretrained(tmp)
     for name in PROCESSOR_FILES:
         if (model_dir / name).is_file() and not (tmp / name).exists():
             shutil.copy2(model_dir / name, tmp / name)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another run finished the same (deterministic) warm-up first
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

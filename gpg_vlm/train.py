@@ -111,7 +111,9 @@ class Trainer:
         self.params = self._setup_trainable(self.adapter.model)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate,
                                            betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-        self.adapter.scorer = self.acc.prepare(self.adapter.scorer)
+        # the training forward and the optimizer go through accelerate together (DDP here;
+        # FSDP / DeepSpeed configs in configs/accelerate wrap the same pair)
+        self.adapter.scorer, self.optimizer = self.acc.prepare(self.adapter.scorer, self.optimizer)
         self.sample_gen = torch.Generator(device="cpu").manual_seed(
             cfg.seed * 1000 + self.acc.process_index)
         self.stream = PromptStream(len(self.rows), cfg.seed)
@@ -323,7 +325,7 @@ class Trainer:
 
     def _clip_and_check(self) -> float:
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        norm = self.acc.clip_grad_norm_(self.params, limit)
         return float(norm)
 
     def _rollout_metrics(self, rows, rollout, scores, informative, alpha, tries) -> dict:
@@ -453,7 +455,7 @@ class Trainer:
         self._install_signal_handlers()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not main, desc="train",
+        bar = tqdm(total=cfg.max_steps if cfg.max_minutes is None else None, initial=self.step, disable=not main, desc="train",
                    dynamic_ncols=True)
         self.started = time.perf_counter()
         self.train_seconds = 0.0  # training time only: evaluation and saving are not counted

@@ -1,0 +1,38 @@
+"""The demo pipeline end to end, shrunk to seconds (the learning target is checked by the
+full `gpg-vlm demo`, see README)."""
+
+import json
+
+import pytest
+
+
+@pytest.mark.parametrize("task", ["classification", "counting", "grounding"])
+def test_demo_writes_its_outputs(tmp_path, task):
+    from gpg_vlm.demo import main
+
+    out = tmp_path / "demo"
+    code = main(["--task", task, "--minutes", "0.05", "--out", str(out), "--cache", str(tmp_path / "cache"),
+                 "--set", "size=xs", "warmup_steps=3", "warmup_batch=4", "train_prompts=16",
+                 "test_prompts=4", "prompts_per_step=2", "group_size=2", "eval_every_steps=2",
+                 "max_new_tokens=6"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("task", "algorithm", "accuracy_before", "accuracy_after", "seconds", "steps"):
+        assert key in summary
+    assert summary["task"] == task and summary["steps"] >= 1
+    assert 0.0 <= summary["accuracy_before"] <= 1.0
+    assert (out / "report.md").read_text().startswith("# gpg-vlm demo")
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert any("eval/accuracy" in json.loads(line) for line in (out / "metrics.jsonl").open())
+
+
+def test_demo_compare_runs_both(tmp_path):
+    from gpg_vlm.demo import main
+
+    out = tmp_path / "cmp"
+    assert main(["--compare", "--minutes", "0.03", "--out", str(out), "--cache", str(tmp_path / "c"),
+                 "--set", "size=xs", "warmup_steps=2", "warmup_batch=4", "train_prompts=16",
+                 "test_prompts=4", "prompts_per_step=2", "group_size=2", "max_new_tokens=6"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["compare"]) == {"gpg", "grpo"}
+    assert (out / "gpg" / "metrics.jsonl").is_file() and (out / "grpo" / "metrics.jsonl").is_file()
