@@ -2,7 +2,7 @@
 PIP ?= python -m pip
 INSTALL = $(PIP) install -q -c constraints.txt -e ".[dev]"
 
-.PHONY: install data-package demo smoke test test-slow
+.PHONY: install data-package demo test test-slow
 
 install:
 	$(INSTALL)
@@ -15,9 +15,6 @@ data-package:
 
 demo: install data-package
 	gpg-vlm demo
-
-smoke: install
-	gpg-vlm smoke
 
 test: install
 	python -m pytest -q tests

@@ -12,7 +12,6 @@ import sys
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-model": ("gpg_vlm.tiny", "build a small random Qwen-VL checkpoint offline"),
-    "smoke": ("gpg_vlm.smoke", "short end-to-end check: tiny model, sampling, log-probs, one GPG step"),
     "prepare-data": ("gpg_vlm.data.prepare", "build the Fashion-MNIST task suite as JSONL + PNG"),
     "train": ("gpg_vlm.train", "GPG / GRPO / Dr.GRPO training from a YAML config"),
     "eval": ("gpg_vlm.evaluate", "evaluate a checkpoint on a benchmark"),

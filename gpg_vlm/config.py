@@ -94,6 +94,8 @@ class TrainConfig:
     """Clip the global gradient norm; 1.0 as in TRL and the paper's scripts. 0 turns it off."""
     max_steps: int = 100
     """Optimizer steps to run (a step that makes no update still counts)."""
+    epochs: float | None = None
+    """Passes over the training rows; when set it replaces max_steps (ceil(epochs * rows / prompts_per_step))."""
     max_minutes: float | None = None
     """Stop after this much training wall time (then evaluate and save as at the last step); None: no limit."""
     micro_batch_tokens: int = 16384
@@ -130,6 +132,8 @@ class TrainConfig:
     """Print a metrics line every this many steps."""
     tensorboard: bool = True
     """Write TensorBoard events next to metrics.jsonl."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs `pip install wandb`); None: off."""
     on_bad_row: str = "error"
     """error: stop at the first bad dataset row; skip: count, log and drop it."""
     max_nonfinite_steps: int = 3
@@ -171,6 +175,8 @@ class TrainConfig:
                     "lora_r", "clip_eps", "kl_beta", "top_k", "lora_dropout"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.epochs is not None and self.epochs <= 0:
+            bad("epochs", f"must be > 0 or null, got {self.epochs}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             bad("max_minutes", f"must be > 0 or null, got {self.max_minutes}")
         if not 0.0 < self.top_p <= 1.0:

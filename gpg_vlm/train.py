@@ -117,6 +117,9 @@ class Trainer:
         self.sample_gen = torch.Generator(device="cpu").manual_seed(
             cfg.seed * 1000 + self.acc.process_index)
         self.stream = PromptStream(len(self.rows), cfg.seed)
+        self.max_steps = cfg.max_steps
+        if cfg.epochs is not None:
+            self.max_steps = max(1, math.ceil(cfg.epochs * len(self.rows) / cfg.prompts_per_step))
         self.step = 0
         self.nonfinite = 0
         self.stop_requested = None
@@ -153,7 +156,7 @@ class Trainer:
             return (step + 1) / (cfg.warmup_steps + 1)
         if cfg.lr_schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, self.max_steps - cfg.warmup_steps))
         if cfg.max_minutes is not None:  # with a time budget the schedule follows the clock too
             progress = max(progress, getattr(self, "train_seconds", 0.0) / (60 * cfg.max_minutes))
         if cfg.lr_schedule == "linear":
@@ -451,18 +454,19 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
             self.writer = _tensorboard(self.out) if cfg.tensorboard else None
+            self.wandb = _wandb(cfg) if cfg.wandb_project else None
         history = []
         self._install_signal_handlers()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps if cfg.max_minutes is None else None, initial=self.step, disable=not main, desc="train",
+        bar = tqdm(total=self.max_steps if cfg.max_minutes is None else None, initial=self.step, disable=not main, desc="train",
                    dynamic_ncols=True)
         self.started = time.perf_counter()
         self.train_seconds = 0.0  # training time only: evaluation and saving are not counted
         if self.eval_rows is not None and self.step == 0:
             self._log(self._eval_record(), history)
         try:
-            while self.step < cfg.max_steps:
+            while self.step < self.max_steps:
                 t = time.perf_counter()
                 metrics = self.train_step()
                 self.train_seconds += time.perf_counter() - t
@@ -479,7 +483,7 @@ class Trainer:
                         "check the rewards.")
                 out_of_time = cfg.max_minutes is not None and self._broadcast_flag(
                     self.train_seconds >= 60 * cfg.max_minutes)
-                last = self.step == cfg.max_steps or out_of_time
+                last = self.step == self.max_steps or out_of_time
                 if self.eval_rows is not None and (last or (cfg.eval_steps and self.step % cfg.eval_steps == 0)):
                     self._log(self._eval_record(), history)
                 if last or (cfg.save_steps and self.step % cfg.save_steps == 0):
@@ -521,6 +525,9 @@ class Trainer:
             return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if getattr(self, "wandb", None) is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                           step=record["step"])
         if self.writer is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
@@ -572,6 +579,14 @@ def _tensorboard(path: Path):
         log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
         return None
     return SummaryWriter(str(path / "tensorboard"))
+
+
+def _wandb(cfg):
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("config key 'wandb_project': wandb is not installed (pip install wandb)") from None
+    return wandb.init(project=cfg.wandb_project, config=cfg.to_dict())
 
 
 def _jsonable(obj):
