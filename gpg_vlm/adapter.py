@@ -225,6 +225,17 @@ def _read_chat_template(path: Path, tokenizer) -> str:
                        "tokenizer_config.json)")
 
 
+def _loading(file: Path, load, *args, **kwargs):
+    """Call a transformers loader; any failure is one AdapterError naming the file it reads."""
+    try:
+        return load(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - library errors vary; the file is what users need
+        first = (str(exc).strip().splitlines() or [""])[0]
+        what = "missing" if not file.exists() else "unreadable"
+        raise AdapterError(f"{file}: {what} or not a valid checkpoint file "
+                           f"({type(exc).__name__}: {first})") from exc
+
+
 def _default_attention() -> str:
     if torch.cuda.is_available():
         try:
@@ -286,20 +297,34 @@ class VLMAdapter:
             raise AdapterError(f"{path} has no config.json: not a transformers checkpoint")
         if dtype not in DTYPES:
             raise AdapterError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        family = getattr(config, "model_type", None)
+        # the family is read from the JSON itself, so a foreign checkpoint (and any code it
+        # names in auto_map) never reaches transformers
+        try:
+            raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise AdapterError(f"{path / 'config.json'}: not readable JSON ({exc})") from None
+        family = raw.get("model_type") if isinstance(raw, dict) else None
         if family not in FAMILIES:
             raise AdapterError(f"{path}: model_type {family!r} is not a supported Qwen-VL family "
                                f"({', '.join(FAMILIES)})")
-        model_cls = getattr(transformers, FAMILIES[family])
-        model = model_cls.from_pretrained(
-            path, dtype=DTYPES[dtype], attn_implementation=attn_implementation or _default_attention(),
-            trust_remote_code=trust_remote_code, use_safetensors=True)
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
+            found = ", ".join(sorted(p.name for p in path.glob("*.bin"))) or "no weights file"
+            raise AdapterError(f"{path}: no model.safetensors ({found}); weights load from "
+                               "safetensors only, never from pickled .bin files")
+        remote = dict(trust_remote_code=trust_remote_code)
+        _loading(path / "config.json", AutoConfig.from_pretrained, path, **remote)
+        model = _loading(path / "model.safetensors", getattr(transformers, FAMILIES[family]).from_pretrained,
+                         path, dtype=DTYPES[dtype], use_safetensors=True,
+                         attn_implementation=attn_implementation or _default_attention(), **remote)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = _loading(path / "tokenizer.json", AutoTokenizer.from_pretrained, path, **remote)
+        if tokenizer.convert_tokens_to_ids("<|image_pad|>") != model.config.image_token_id:
+            raise AdapterError(f"{path}: the tokenizer does not know <|image_pad|> as id "
+                               f"{model.config.image_token_id}: tokenizer.json is missing or foreign")
+        image_processor = _loading(path / "preprocessor_config.json", AutoImageProcessor.from_pretrained,
+                                   path, **remote)
         template = _read_chat_template(path, tokenizer)
         return cls(model, tokenizer, image_processor, template, family, min_pixels, max_pixels)
 
@@ -399,11 +424,14 @@ class VLMAdapter:
     @torch.no_grad()
     def generate(self, batch: PromptBatch, group_size: int, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 generator: torch.Generator | None = None) -> Rollout:
+                 generator: torch.Generator | None = None, min_new_tokens: int = 0) -> Rollout:
         """Sample `group_size` completions for each prompt of `batch`.
 
         The prompts are prefilled once (each image encoded once) and the KV cache is repeated
-        G times. `temperature <= 0` samples greedily.
+        G times. `temperature <= 0` samples greedily. `min_new_tokens` forbids the EOS tokens
+        for that many first tokens (with `max_new_tokens` equal to it, every completion has
+        exactly that length: the benchmark uses it to make generation work equal); like top-k /
+        top-p it shapes what is sampled, not the reported log-probs.
         """
         if group_size < 1:
             raise AdapterError(f"group_size must be >= 1, got {group_size}")
@@ -433,8 +461,10 @@ class VLMAdapter:
         for step in range(max_new_tokens):
             scores = self._scores(logits, temperature, suppressed)  # (B, V)
             logp = torch.log_softmax(scores, dim=-1)
+            if step < min_new_tokens:
+                scores = scores.index_fill(-1, eos, float("-inf"))
             if temperature <= 0:
-                token = logp.argmax(-1)
+                token = scores.argmax(-1)
             else:
                 probs = torch.softmax(_filter_top_k_top_p(scores, top_k, top_p), dim=-1)
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
