@@ -36,6 +36,7 @@ setup(
         # Hugging Face `save_to_disk` datasets
         "hf": ["datasets>=2.16"],
         "flash": ["flash-attn>=2.6; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        "bench": ["trl>=1.16"],
     },
     entry_points={"console_scripts": ["gpg-vlm=gpg_vlm.cli:main"]},
 )

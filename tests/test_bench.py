@@ -1,0 +1,111 @@
+"""The benchmark harness: forced completion length, equal-work checks, a smoke run of all variants.
+
+The smoke run uses the `xs` model with N = 2, G = 2 and 4 tokens; the TRL variants run when
+trl is installed (the `bench` extra) and are skipped otherwise.
+"""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from gpg_vlm import bench
+from gpg_vlm.adapter import Sample
+
+HAS_TRL = importlib.util.find_spec("trl") is not None
+
+
+def _batch(adapter):
+    from PIL import Image
+
+    image = Image.new("RGB", (56, 56), (200, 30, 30))
+    return adapter.encode([Sample("What is this item?", [image]), Sample("How many?", [image])])
+
+
+def test_min_new_tokens_forces_the_length_even_when_eos_is_likely(adapters, monkeypatch):
+    adapter = adapters("qwen2_vl")
+    batch = _batch(adapter)
+    eos = torch.tensor(adapter.eos_token_ids)
+    scores = adapter._scores
+
+    def eos_first(logits, temperature, suppressed):  # EOS by far the most likely token
+        return scores(logits, temperature, suppressed).index_add(-1, eos, torch.full(
+            (logits.shape[0], len(eos)), 50.0))
+
+    monkeypatch.setattr(adapter, "_scores", eos_first)
+    gen = torch.Generator().manual_seed(0)
+    free = adapter.generate(batch, 3, max_new_tokens=6, generator=gen)
+    assert free.completion_mask.sum(-1).tolist() == [1] * 6  # each stops at its first token
+    forced = adapter.generate(batch, 3, max_new_tokens=6, min_new_tokens=6, generator=gen)
+    assert forced.completion_mask.sum(-1).tolist() == [6] * 6
+    assert not torch.isin(forced.completion_ids, eos).any()
+    assert forced.truncated.all()  # ended by the length, not by an EOS
+    greedy = adapter.generate(batch, 1, max_new_tokens=5, min_new_tokens=3, temperature=0.0)
+    assert greedy.completion_mask.sum(-1).tolist() == [4, 4]  # EOS allowed from the 4th token
+
+
+def test_min_new_tokens_keeps_the_reported_logprobs_those_of_the_policy(adapters):
+    adapter = adapters("qwen2_vl")
+    batch = _batch(adapter)
+    gen = torch.Generator().manual_seed(1)
+    rollout = adapter.generate(batch, 2, max_new_tokens=5, min_new_tokens=5, generator=gen)
+    with torch.no_grad():
+        trained = adapter.completion_logprobs(batch, rollout)
+    torch.testing.assert_close(trained, rollout.logprobs, atol=1e-5, rtol=0)
+
+
+def test_bench_reward_is_the_same_for_plain_and_conversational_completions():
+    texts = ["<answer>bag</answer>", "", "x" * 100]
+    plain = bench.bench_reward(texts, solution=["bag"] * 3)
+    chat = bench.bench_reward([[{"role": "assistant", "content": t}] for t in texts])
+    assert plain == chat
+    assert all(0.0 <= r < 1.0 for r in plain) and len(set(plain)) == 3
+
+
+def test_write_readme_replaces_only_the_results_block(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text(f"# Bench\nhow to run\n\n{bench.README_START}\nold\n{bench.README_END}\ntail\n")
+    bench.write_readme(path, "| new |")
+    bench.write_readme(path, "| newer |")
+    text = path.read_text()
+    assert text == f"# Bench\nhow to run\n\n{bench.README_START}\n| newer |\n{bench.README_END}\ntail\n"
+
+
+def test_summarize_flags_unequal_completion_lengths_and_prompts():
+    w = bench.Workload(prompts=1, group_size=2, completion_tokens=3, micro_batch_completions=2,
+                       warmup_steps=0, steps=1, rounds=1, threads=1)
+
+    def run_result(tokens, prompt_len, checksum):
+        step = {"wall": 1.0, "rollout": 0.5, "train": 0.5, "cpu": 1.0, "steal": 0.0,
+                "completion_tokens": tokens, "completion_min": tokens // 2,
+                "completion_max": tokens // 2, "prompt_tokens": [prompt_len],
+                "prompt_checksums": [checksum], "updated": True}
+        return {"steps": [step], "peak_rss_mb": 100.0, "setup_rss_mb": 90.0, "threads": 1,
+                "reference_model": False, "gradient_checkpointing": False}
+
+    _, ok = bench.summarize(w, {"a": [run_result(6, 10, 7)], "b": [run_result(6, 10, 7)]})
+    assert ok == []
+    _, bad = bench.summarize(w, {"a": [run_result(6, 10, 7)], "b": [run_result(4, 11, 7)]})
+    assert any("b: a step produced 4 completion tokens" in p for p in bad)
+    assert any("prompts differ" in p for p in bad)
+
+
+def test_bench_smoke_run_of_every_variant(tmp_path):
+    w = bench.Workload(size="xs", prompts=2, group_size=2, completion_tokens=4,
+                       micro_batch_completions=2, warmup_steps=0, steps=1, rounds=1, threads=1)
+    variants = bench.VARIANTS if HAS_TRL else ("gpg", "grpo")
+    report = bench.run(w, variants, cache=tmp_path, log=lambda s: None)
+    assert report["problems"] == []
+    assert list(report["variants"]) == list(variants)
+    for name, v in report["variants"].items():
+        assert v["step_seconds"] > 0 and v["peak_memory_mb"] > 0, name
+        assert v["reference_model"] == (name in ("grpo", "trl_beta004")), name
+        assert v["gradient_checkpointing"] is False
+        assert v["threads"] == [1]
+    if HAS_TRL:
+        assert report["ratios"]["gpg_vs_trl_beta0"] > 0
+    report.update(kind="test", command="pytest")
+    table = bench.markdown(report)
+    assert all(f"| {name} |" in table for name in variants)
+    json.dumps(report)  # the output file is plain JSON
