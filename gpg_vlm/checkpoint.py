@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -74,10 +75,11 @@ def save_checkpoint(output_dir: str | Path, step: int, model, base_model_dir: st
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(output_dir)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not save checkpoint {final}: {exc.strerror or exc} "
-                              "(the previous checkpoint is intact)") from None
+        why = getattr(exc, "strerror", None) or exc
+        raise CheckpointError(f"could not save checkpoint {final}: {why} "
+                              "(nothing half-written is left; the previous checkpoint is intact)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

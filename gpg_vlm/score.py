@@ -175,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
              for (line, row), reward in zip(rows, rewards)]
     if args.output:
         result = {"task": args.task, "accuracy": accuracy, "n": n, "skipped": skipped, "items": items}
-        Path(args.output).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n",
-                                     encoding="utf-8")
+        try:  # a JSON escape may hold an unpaired surrogate: written back as the same escape
+            Path(args.output).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n",
+                                         encoding="utf-8", errors="backslashreplace")
+        except OSError as exc:
+            print(f"gpg-vlm score: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     note = f", {len(skipped)} bad row(s) skipped" if skipped else ""
     print(f"{args.task}: accuracy {100 * accuracy:.2f}% on {n} rows{note}")
     return 0

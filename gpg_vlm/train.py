@@ -39,6 +39,10 @@ from gpg_vlm.config import ConfigError, TrainConfig
 log = logging.getLogger("gpg_vlm.train")
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (a reward failed, too many non-finite steps); the message says why."""
+
+
 class PromptStream:
     """Prompt indices in a fresh seeded permutation each epoch; identical on every process."""
 
@@ -87,8 +91,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
-        self.rewards = {name: resolve_reward(name, answer_only=cfg.answer_only) if name == "format"
-                        else resolve_reward(name) for name in cfg.rewards}
+        try:  # user reward code is imported here, and only when the config names it
+            self.rewards = {name: resolve_reward(name, answer_only=cfg.answer_only) if name == "format"
+                            else resolve_reward(name) for name in cfg.rewards}
+        except ValueError as exc:
+            raise ConfigError(f"config key 'rewards': {exc}") from None
         self.accuracy = accuracy_reward
         self.rows = load_rows(cfg.data, on_bad_row=cfg.on_bad_row)
         if not self.rows:
@@ -123,6 +130,8 @@ class Trainer:
         self.step = 0
         self.nonfinite = 0
         self.stop_requested = None
+        # printed when a signal stops the run; `main` replaces it with the exact command line
+        self.resume_command = "gpg-vlm train --config <same config> --resume"
         self.writer = None
         if resume is not None:
             self._resume(Path(resume))
@@ -179,10 +188,10 @@ class Trainer:
             try:
                 values = fn(rollout.texts, **columns)
             except Exception as exc:  # a user's reward function: say which one failed
-                raise RuntimeError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
+                raise TrainingError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
             values = torch.tensor([float(v) for v in values], dtype=torch.float64)
             if values.shape != total.shape or not torch.isfinite(values).all():
-                raise RuntimeError(f"reward {name!r} must return {len(rollout.texts)} finite floats")
+                raise TrainingError(f"reward {name!r} must return {len(rollout.texts)} finite floats")
             scores[name] = values
             total += self.cfg.rewards[name] * values
         scores["total"] = total
@@ -456,7 +465,7 @@ class Trainer:
             self.writer = _tensorboard(self.out) if cfg.tensorboard else None
             self.wandb = _wandb(cfg) if cfg.wandb_project else None
         history = []
-        self._install_signal_handlers()
+        previous_handlers = self._install_signal_handlers()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.max_steps if cfg.max_minutes is None else None, initial=self.step, disable=not main, desc="train",
@@ -477,7 +486,7 @@ class Trainer:
                 self._log(metrics, history)
                 if self.nonfinite >= cfg.max_nonfinite_steps:
                     path = self.save()
-                    raise RuntimeError(
+                    raise TrainingError(
                         f"stopped: {self.nonfinite} consecutive steps had a non-finite loss or "
                         f"gradient; the last good weights are in {path}. Lower learning_rate or "
                         "check the rewards.")
@@ -486,21 +495,26 @@ class Trainer:
                 last = self.step == self.max_steps or out_of_time
                 if self.eval_rows is not None and (last or (cfg.eval_steps and self.step % cfg.eval_steps == 0)):
                     self._log(self._eval_record(), history)
+                saved = None
                 if last or (cfg.save_steps and self.step % cfg.save_steps == 0):
-                    self.save()
+                    saved = self.save()
                 if out_of_time:
                     break
-                if self.stop_requested:
-                    path = self.save()
+                # process 0's flag, so that every process saves and stops at the same step
+                if self._broadcast_flag(self.stop_requested is not None):
+                    path = saved or self.save()
                     if main:
-                        print(f"\n{self.stop_requested}: saved {path}. Resume with: gpg-vlm train "
-                              f"--config <same config> --resume", file=sys.stderr)
+                        print(f"\n{self.stop_requested}: saved {path} after step {self.step}. "
+                              f"Resume with: {self.resume_command}", file=sys.stderr)
                     break
             if self.acc.num_processes > 1:
                 self._log({"step": self.step,
                            "parameter_checksums": self._gather_floats(self.parameter_checksum())},
                           history)
         finally:
+            for sig, handler in previous_handlers.items():
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(sig, handler)
             bar.close()
             if self.writer is not None:
                 self.writer.close()
@@ -533,15 +547,18 @@ class Trainer:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self.writer.add_scalar(k, v, record["step"])
 
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM / SIGINT finish the current step, save and stop; returns the old handlers."""
         def handler(signum, frame):
             self.stop_requested = signal.Signals(signum).name
 
+        previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(sig, handler)
+                previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread
                 pass
+        return previous
 
 
 class _LoraSaver:
@@ -601,6 +618,22 @@ def _tuples(obj):
     return obj
 
 
+def _resume_command(argv: list[str]) -> str:
+    """This run's own command line with `--resume` (newest complete checkpoint) at the end."""
+    import shlex
+
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--resume":  # its optional PATH follows unless that is an option or override
+            nxt = argv[i + 1] if i + 1 < len(argv) else "-"
+            skip = not nxt.startswith("-") and "=" not in nxt
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["gpg-vlm", "train", *kept, "--resume"])
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="gpg-vlm train", description="GPG / GRPO / Dr.GRPO training from a YAML config.",
@@ -610,22 +643,38 @@ def main(argv: list[str]) -> int:
                         help="continue from the newest complete checkpoint in output_dir, or from PATH")
     parser.add_argument("overrides", nargs="*", help="key=value")
     args = parser.parse_args(argv)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # `... --resume max_steps=9`: argparse took the override for the optional PATH
+        args.overrides.append(args.resume)
+        args.resume = "latest"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from gpg_vlm.adapter import AdapterError
+    from gpg_vlm.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint
+    from gpg_vlm.data import DataError
+
     try:
         cfg = TrainConfig.from_yaml(args.config, args.overrides)
         resume = None
         if args.resume:
-            from gpg_vlm.checkpoint import latest_checkpoint
-
             resume = latest_checkpoint(cfg.output_dir) if args.resume == "latest" else Path(args.resume)
             if resume is None:
                 print(f"gpg-vlm train: no complete checkpoint in {cfg.output_dir}; starting fresh",
                       file=sys.stderr)
+            elif not (resume / STATE_FILE).is_file():
+                raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); "
+                                  f"complete ones: {latest_checkpoint(cfg.output_dir) or 'none'} "
+                                  "is the newest, or pass --resume alone")
         trainer = Trainer(cfg, resume=resume)
+        trainer.resume_command = _resume_command(argv)
         history = trainer.train()
-    except ConfigError as exc:
+    # bad input: exit 2; a run that had to stop (non-finite steps, a failing reward or save,
+    # a full disk): exit 1. One line either way, never a library's traceback.
+    except (ConfigError, DataError, AdapterError) as exc:
         print(f"gpg-vlm train: {exc}", file=sys.stderr)
         return 2
+    except (TrainingError, CheckpointError, OSError) as exc:
+        print(f"gpg-vlm train: {exc}", file=sys.stderr)
+        return 1
     steps = [h for h in history if "reward" in h]
     if steps and trainer.acc.is_main_process:
         print(f"done: {trainer.step} steps, last reward {steps[-1]['reward']:.3f}; "
