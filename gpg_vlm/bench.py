@@ -466,7 +466,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"Measured {report['date']} with `{report['command']}` ({report['kind']} workload) on "
         f"{m['cpu']} ({m['cpu_count']} CPUs), {w['threads']} threads; torch {m['torch']}, "
-        f"transformers {m['transformers']}, TRL {m['trl']}.",
+        f"transformers {m['transformers']}, TRL {m['trl']}. One-minute load average "
+        f"{m['load_average_start']:.1f} at the start, {m['load_average_end']:.1f} at the end.",
         "",
         f"Workload: tiny {w['family']} size {w['size']}, {w['image_size']}x{w['image_size']} images, "
         f"N = {w['prompts']} prompts x G = {w['group_size']} completions of exactly "
@@ -507,6 +508,7 @@ def run(w: Workload, variants=VARIANTS, cache: Path | None = None, log=print) ->
 
     cache = Path(cache) if cache else default_cache()
     cache.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()[0]  # > 0 before we start: other work shares the CPUs
     model, data, prompt_len = prepare(w, cache)
     spec = {"workload": dataclasses.asdict(w), "model": str(model), "data": str(data),
             "threads": w.num_threads,
@@ -527,7 +529,8 @@ def run(w: Workload, variants=VARIANTS, cache: Path | None = None, log=print) ->
             "workload": {**dataclasses.asdict(w), "threads": w.num_threads,
                          "micro_batch_tokens": spec["micro_batch_tokens"],
                          "prompt_tokens": prompt_len},
-            "machine": machine(),
+            "machine": {**machine(), "load_average_start": load_start,
+                        "load_average_end": os.getloadavg()[0]},
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
