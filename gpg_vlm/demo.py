@@ -33,6 +33,7 @@ class DemoSettings:
 
     family: str = "qwen2_vl"
     size: str = "s"
+    init_std: float = 0.02
     image_size: int = 56
     train_prompts: int = 4000
     test_prompts: int = 200
@@ -77,9 +78,10 @@ def prepare(task: str, settings: DemoSettings, cache: Path) -> tuple[Path, Path,
     from gpg_vlm.data.fashion_mnist import build_tasks
     from gpg_vlm.tiny import make_tiny_model
 
-    model = cache / f"tiny-{settings.family}-{settings.size}-seed{settings.seed}"
+    model = cache / f"tiny-{settings.family}-{settings.size}-std{settings.init_std}-seed{settings.seed}"
     if not (model / "model.safetensors").is_file():
-        make_tiny_model(settings.family, settings.size, model, seed=settings.seed)
+        make_tiny_model(settings.family, settings.size, model, seed=settings.seed,
+                        init_std=settings.init_std)
     data = cache / f"fashion-mnist-{task}-{settings.image_size}px-seed{settings.seed}"
     files = []
     for split, n in (("train", settings.train_prompts), ("test", settings.test_prompts)):
@@ -195,8 +197,8 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     model, train_file, test_file = prepare(args.task, settings, cache)
     template = "{problem} Answer as <answer>...</answer>."
-    warm = warm_up(model, train_file, cache / f"warmup-{args.task}-{settings.family}-{settings.size}-seed{settings.seed}",
-                   args.task, settings, template)
+    warm_dir = cache / f"warmup-{args.task}-{model.name}-{settings.warmup_steps}x{settings.warmup_batch}"
+    warm = warm_up(model, train_file, warm_dir, args.task, settings, template)
     algorithms = ["gpg", "grpo"] if args.compare else [args.algorithm]
     results = {}
     for algorithm in algorithms:
