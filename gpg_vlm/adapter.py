@@ -509,28 +509,24 @@ class VLMAdapter:
                  completion_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """Per-token log-probs (b, T) of `b` completions of prompts `prompt_index`, with grad.
 
-        One call is one micro-batch: its prompts' images are encoded once and shared by all
-        of their completions. Positions where `completion_mask` is 0 hold 0.
+        One call is one micro-batch. Each of its prompts (and so each image) goes through the
+        model once; its completions continue from the prompt's repeated KV cache. Positions
+        where `completion_mask` is 0 hold 0.
         """
         device = self.device
         prompts, rows = torch.unique(prompt_index, return_inverse=True)  # (p,), (b,)
         sub = batch.select(prompts.tolist())
-        completion_ids = completion_ids.to(device)
-        completion_mask = completion_mask.to(device)
-        rows = rows.to(device)
-        input_ids = torch.cat([sub.input_ids.to(device)[rows], completion_ids], dim=1)  # (b, L+T)
-        attn = torch.cat([sub.attention_mask.to(device)[rows], completion_mask.long()], dim=1)
-        mm = torch.cat([sub.mm_token_type_ids.to(device)[rows],
-                        torch.zeros_like(completion_ids)], dim=1)
-        pixel_values = grid = row_images = row_grid = None
+        ids = sub.input_ids.to(device)  # (p, L)
+        attn = sub.attention_mask.to(device)
+        mm = sub.mm_token_type_ids.to(device)
+        pixel_values = grid = None
         if sub.image_grid_thw is not None:
             pixel_values = sub.pixel_values.to(device, self.model.dtype)
             grid = sub.image_grid_thw.to(device)
-            row_images = sub.image_indices(rows.tolist())  # images of each row's prompt, in order
-            row_grid = grid[row_images]
-        positions = self._positions(input_ids, attn, mm, row_grid)
-        return self.scorer(input_ids, attn, positions, mm, pixel_values, grid, row_images,
-                           sub.input_ids.shape[1], completion_ids, completion_mask, temperature)
+        positions = self._positions(ids, attn, mm, grid)  # (3, p, L)
+        row_images = sub.image_indices(rows.tolist()) if grid is not None else None
+        return self.scorer(ids, attn, positions, mm, pixel_values, grid, rows.to(device), row_images,
+                           completion_ids.to(device), completion_mask.to(device), temperature)
 
     def micro_batches(self, batch: PromptBatch, prompt_index: torch.Tensor,
                       completion_mask: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
@@ -569,9 +565,13 @@ class VLMAdapter:
 class TokenScorer(torch.nn.Module):
     """The training forward as a module, so a data-parallel wrapper sees every call.
 
-    Encodes the micro-batch's images once, hands each row the features of its own prompt's
-    images (`row_images`), runs the decoder, and returns the log-probs (b, T) of the
-    completion tokens under the tempered, vision-token-masked distribution.
+    Shared prefix (the default): the p prompts of the micro-batch go through the model once,
+    with gradients, their KV cache is indexed out to the b completion rows (`rows`), and only
+    the completion tokens run on top of it; gradients from all G completions flow back into
+    their prompt's one pass. With gradient checkpointing (which cannot keep a cache) each row
+    runs prompt + completion in full, with each image still encoded once (`row_images`).
+    Returns the log-probs (b, T) of the completion tokens under the tempered,
+    vision-token-masked distribution; 0 where `completion_mask` is 0.
     """
 
     def __init__(self, model, suppressed: torch.Tensor):
@@ -579,28 +579,74 @@ class TokenScorer(torch.nn.Module):
         self.model = model
         self.suppressed = suppressed  # (V,) bool, not a parameter
 
-    def forward(self, input_ids, attention_mask, position_ids, mm_token_type_ids, pixel_values,
-                image_grid_thw, row_images, prompt_len: int, completion_ids, completion_mask,
+    def forward(self, prompt_ids, prompt_mask, prompt_positions, prompt_mm, pixel_values,
+                image_grid_thw, rows, row_images, completion_ids, completion_mask,
                 temperature: float):
-        model = self.model
-        encoder_outputs = row_grid = None
-        if image_grid_thw is not None:
-            features = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-            encoder_outputs = {"image": _reindex_features(features, row_images)}
-            row_grid = image_grid_thw[row_images]
-        hidden = model.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            image_grid_thw=row_grid, mm_token_type_ids=mm_token_type_ids,
-            mm_encoder_outputs=encoder_outputs, use_cache=False,
-        ).last_hidden_state  # (b, L+T, H)
-        t = completion_ids.shape[1]
-        # the logits that predict completion token j sit at position L - 1 + j
-        logits = model.lm_head(hidden[:, prompt_len - 1: prompt_len - 1 + t]).float()  # (b, T, V)
+        b, t = completion_ids.shape
+        # completion tokens are text: their positions continue from the prompt's largest one
+        next_pos = prompt_positions.amax(dim=(0, 2)) + 1  # (p,)
+        steps = torch.arange(t, device=completion_ids.device)
+        completion_pos = (next_pos[rows, None] + steps).unsqueeze(0).expand(3, -1, -1)  # (3, b, T)
+        mask = torch.cat([prompt_mask[rows], completion_mask.long()], dim=1)  # (b, L+T)
+        if _activation_checkpointing(self.model):
+            hidden = self._full_rows(prompt_ids, prompt_positions, prompt_mm, pixel_values,
+                                     image_grid_thw, rows, row_images, completion_ids, mask,
+                                     completion_pos)
+        else:
+            hidden = self._shared_prefix(prompt_ids, prompt_mask, prompt_positions, prompt_mm,
+                                         pixel_values, image_grid_thw, rows, completion_ids, mask,
+                                         completion_pos)  # (b, T, H)
+        logits = self.model.lm_head(hidden).float()  # (b, T, V)
         if temperature > 0:
             logits = logits / temperature
         logits = logits.masked_fill(self.suppressed.to(logits.device), float("-inf"))
         logp = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
         return torch.where(completion_mask.bool(), logp, torch.zeros_like(logp))  # (b, T)
+
+    def _shared_prefix(self, prompt_ids, prompt_mask, prompt_positions, prompt_mm, pixel_values,
+                       image_grid_thw, rows, completion_ids, mask, completion_pos):
+        """Hidden states (b, T, H) that predict each completion token, prompts run once."""
+        out = self.model.model(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+            mm_token_type_ids=prompt_mm, use_cache=True)
+        last = out.last_hidden_state[rows, -1:]  # (b, 1, H): predicts completion token 0
+        if completion_ids.shape[1] == 1:
+            return last
+        cache = out.past_key_values
+        cache.batch_select_indices(rows)  # each row continues from its own prompt's keys/values
+        rest = self.model.model(
+            input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+            position_ids=completion_pos[:, :, :-1], past_key_values=cache, use_cache=True,
+        ).last_hidden_state  # (b, T-1, H): token j predicts token j+1
+        return torch.cat([last, rest], dim=1)
+
+    def _full_rows(self, prompt_ids, prompt_positions, prompt_mm, pixel_values, image_grid_thw,
+                   rows, row_images, completion_ids, mask, completion_pos):
+        """Hidden states (b, T, H), each row running prompt + completion in full."""
+        encoder_outputs = row_grid = None
+        if image_grid_thw is not None:
+            features = self.model.model.get_image_features(pixel_values, image_grid_thw,
+                                                           return_dict=True)
+            encoder_outputs = {"image": _reindex_features(features, row_images)}
+            row_grid = image_grid_thw[row_images]
+        prompt_len = prompt_ids.shape[1]
+        hidden = self.model.model(
+            input_ids=torch.cat([prompt_ids[rows], completion_ids], dim=1), attention_mask=mask,
+            position_ids=torch.cat([prompt_positions[:, rows], completion_pos], dim=2),
+            image_grid_thw=row_grid,
+            mm_token_type_ids=torch.cat([prompt_mm[rows], torch.zeros_like(completion_ids)], dim=1),
+            mm_encoder_outputs=encoder_outputs, use_cache=False,
+        ).last_hidden_state  # (b, L+T, H)
+        t = completion_ids.shape[1]
+        return hidden[:, prompt_len - 1: prompt_len - 1 + t]  # token L-1+j predicts token j
+
+
+def _activation_checkpointing(model) -> bool:
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    if flag is not None:
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def _reindex_features(features, order: list[int]):

@@ -151,7 +151,10 @@ class Trainer:
             inject_adapter_in_model(lora, model)
             self.lora_config = lora
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5.2x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = True  # generation still uses the KV cache
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]

@@ -242,3 +242,39 @@ def test_bad_inputs_give_clear_errors(tmp_path, adapters):
         adapter.encode([Sample("fine"), Sample("sneaky <|image_pad|>")])
     with pytest.raises(AdapterError, match="group_size"):
         adapter.generate(adapter.encode([Sample("x")]), 0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_equals_full_rows_in_value_and_gradient(adapters, family):
+    """Prompts run once with a repeated cache == every row running its prompt in full."""
+    adapter = adapters(family)
+    batch = adapter.encode(mixed_samples())
+    rollout = adapter.generate(batch, group_size=3, max_new_tokens=6,
+                               generator=torch.Generator().manual_seed(7))
+    weights = torch.randn(rollout.completion_ids.shape, generator=torch.Generator().manual_seed(8))
+
+    def value_and_grads(full: bool):
+        adapter.model.zero_grad()
+        if full:
+            adapter.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            lp = adapter.logprobs(batch, rollout.prompt_index, rollout.completion_ids,
+                                  rollout.completion_mask)
+            (lp * weights).sum().backward()
+        finally:
+            adapter.model.activation_checkpointing_disable()
+        grads = {n: p.grad.clone() for n, p in adapter.model.named_parameters() if p.grad is not None}
+        adapter.model.zero_grad()
+        return lp.detach(), grads
+
+    adapter.model.train()
+    try:
+        shared, g_shared = value_and_grads(False)
+        full, g_full = value_and_grads(True)
+    finally:
+        adapter.model.eval()
+    assert (shared - full).abs().max() < TOL
+    assert g_shared.keys() == g_full.keys() and len(g_shared) > 10
+    for name in g_shared:
+        assert torch.allclose(g_shared[name], g_full[name], rtol=1e-3, atol=1e-5), name

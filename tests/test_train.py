@@ -169,3 +169,12 @@ def test_prompts_per_step_must_divide_over_processes(tiny_dirs, fm_data, tmp_pat
     assert run.returncode != 0
     assert "'prompts_per_step': 3 is not divisible by the 2 processes" in run.stderr
     assert 'gpg_vlm/train.py", line' not in run.stderr  # our message, not our stack trace
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_dirs, fm_data, tmp_path):
+    from gpg_vlm.train import Trainer
+
+    plain = Trainer(make_config(tiny_dirs, fm_data, tmp_path / "a", max_steps=1)).train()
+    ckpt = Trainer(make_config(tiny_dirs, fm_data, tmp_path / "b", max_steps=1,
+                               gradient_checkpointing=True)).train()
+    assert losses(plain) and abs(losses(plain)[0] - losses(ckpt)[0]) < 1e-5
