@@ -210,9 +210,10 @@ class Trainer:
         while True:
             rows = [self.rows[i] for i in self.stream.take(self.n_local)]
             batch = self.adapter.encode(self.samples(rows))
-            rollout = self.adapter.generate(batch, G, max_new_tokens=cfg.max_new_tokens,
-                                            temperature=cfg.temperature, top_p=cfg.top_p,
-                                            top_k=cfg.top_k, generator=self.sample_gen)
+            with self._full_parameters():
+                rollout = self.adapter.generate(batch, G, max_new_tokens=cfg.max_new_tokens,
+                                                temperature=cfg.temperature, top_p=cfg.top_p,
+                                                top_k=cfg.top_k, generator=self.sample_gen)
             t = time.perf_counter()
             scores = self.score(rows, batch, rollout)
             self.timer["reward"] += time.perf_counter() - t
@@ -233,6 +234,27 @@ class Trainer:
         rollout = rollout.select(keep_rows, torch.arange(self.n_local).repeat_interleave(G))
         scores = {k: v[keep_rows] for k, v in scores.items()}
         return rows, batch, rollout, scores, tries
+
+    def _full_parameters(self):
+        """Rollout needs every parameter on every process: gather them where they are sharded.
+
+        DDP and ZeRO-2 keep full parameters (nothing to do). FSDP and ZeRO-3 shard them; the
+        gathering below follows their documented APIs but has not been run on a GPU yet.
+        """
+        from contextlib import nullcontext
+
+        from accelerate.utils import DistributedType
+
+        kind = self.acc.distributed_type
+        if kind == DistributedType.FSDP:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel.summon_full_params(self.adapter.scorer, writeback=False)
+        if kind == DistributedType.DEEPSPEED and self.acc.state.deepspeed_plugin.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.adapter.model.parameters()))
+        return nullcontext()
 
     # --------------------------------------------------------------- step
     def train_step(self) -> dict:
