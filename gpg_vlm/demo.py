@@ -29,23 +29,23 @@ TASK_METRIC = {"classification": "accuracy", "counting": "accuracy", "grounding"
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo's defaults; each was chosen by measurement (see README, "The demo")."""
+    """The demo's defaults; what was measured for each choice is in the README ("The demo")."""
 
     family: str = "qwen2_vl"
-    size: str = "s"
-    init_std: float = 0.02
-    image_size: int = 56
+    size: str = "s"  # 0.34M parameters: ~0.3 s per step of 8 x 16 completions on 2 cores
+    init_std: float = 0.1  # Qwen's 0.02 leaves the image's effect on the answer tiny at first
+    image_size: int = 56  # the smallest Qwen-VL input: 4 visual tokens
     train_prompts: int = 4000
     test_prompts: int = 200
     warmup_steps: int = 150
     warmup_batch: int = 32
     warmup_lr: float = 2e-3
-    prompts_per_step: int = 16
-    group_size: int = 8
-    learning_rate: float = 3e-4
-    lr_schedule: str = "cosine"
-    beta_th: float = 0.6
-    max_resample_tries: int = 2
+    prompts_per_step: int = 8
+    group_size: int = 16  # more chances per group to find a correct answer when the policy is sharp
+    learning_rate: float = 3e-4  # 1e-3 collapsed (informative groups fell to 0.03-0.1)
+    lr_schedule: str = "constant"
+    beta_th: float = 0.6  # the paper's best text setting; keeps the batch informative late on
+    max_resample_tries: int = 3
     max_grad_norm: float = 1.0
     format_weight: float = 0.1
     max_new_tokens: int = 12
@@ -182,7 +182,8 @@ def run_algorithm(algorithm: str, task: str, warm: Path, train_file: Path, test_
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpg-vlm demo", description=__doc__.split("\n")[0])
     parser.add_argument("--task", choices=sorted(TASK_METRIC), default="classification")
-    parser.add_argument("--minutes", type=float, default=12.0, help="training wall-clock budget")
+    parser.add_argument("--minutes", type=float, default=12.0,
+                        help="training wall-clock budget (warm-up and evaluations come on top)")
     parser.add_argument("--algorithm", choices=["gpg", "grpo"], default="gpg")
     parser.add_argument("--compare", action="store_true", help="run GPG and GRPO side by side")
     parser.add_argument("--out", default="runs/demo")
