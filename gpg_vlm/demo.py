@@ -49,6 +49,7 @@ class DemoSettings:
     max_grad_norm: float = 1.0
     format_weight: float = 0.1
     max_new_tokens: int = 12
+    temperature: float = 1.0  # sampling = the policy; log-probs use the same temperature
     eval_every_steps: int = 40
     seed: int = 0
 
@@ -170,6 +171,7 @@ def run_algorithm(algorithm: str, task: str, warm: Path, train_file: Path, test_
         prompts_per_step=settings.prompts_per_step, beta_th=settings.beta_th,
         max_resample_tries=settings.max_resample_tries, rewards=rewards, answer_only=True,
         prompt_template=template, max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
         learning_rate=settings.learning_rate, lr_schedule=settings.lr_schedule,
         max_grad_norm=settings.max_grad_norm, max_steps=100000, max_minutes=minutes,
         eval_steps=settings.eval_every_steps, save_steps=0, seed=settings.seed,

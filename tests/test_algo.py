@@ -238,14 +238,25 @@ def both_losses(logprobs, old, ref, advantages, mask, **kw):
 MODES = [dict(token_mean=False), dict(token_mean=True), dict(length_norm=9)]
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_extra_padding_changes_nothing(mode):
-    gen = torch.Generator().manual_seed(1)
-    B, T = 6, 5
-    logprobs, mask = random_batch(gen, B, T)
+def nearby_policies(gen, logprobs):
+    """Old and reference log-probs near `logprobs` (B, T), and advantages (B,)."""
+    B, T = logprobs.shape
     old = logprobs + 0.3 * torch.randn(B, T, generator=gen, dtype=F64)
     ref = logprobs + 0.3 * torch.randn(B, T, generator=gen, dtype=F64)
-    advantages = torch.randn(B, generator=gen, dtype=F64)
+    return old, ref, torch.randn(B, generator=gen, dtype=F64)
+
+
+def random_step(seed, B, T):
+    """logprobs, mask, old, ref, advantages of a random batch."""
+    gen = torch.Generator().manual_seed(seed)
+    logprobs, mask = random_batch(gen, B, T)
+    return (logprobs, mask, *nearby_policies(gen, logprobs))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_extra_padding_changes_nothing(mode):
+    B, T = 6, 5
+    logprobs, mask, old, ref, advantages = random_step(1, B, T)
 
     # Garbage in the padding of every tensor: existing padding and 3 new columns.
     garbage = t([[1e30, -math.inf, math.nan]]).expand(B, 3)
@@ -280,12 +291,8 @@ def split_kwargs(mode, mask, world_size):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_micro_batch_losses_sum_to_the_whole(mode):
-    gen = torch.Generator().manual_seed(2)
     B, T = 8, 6
-    logprobs, mask = random_batch(gen, B, T)
-    old = logprobs + 0.3 * torch.randn(B, T, generator=gen, dtype=F64)
-    ref = logprobs + 0.3 * torch.randn(B, T, generator=gen, dtype=F64)
-    advantages = torch.randn(B, generator=gen, dtype=F64)
+    logprobs, mask, old, ref, advantages = random_step(2, B, T)
     whole = both_losses(logprobs, old, ref, advantages, mask, **mode)
     # Uneven micro-batches of 3, 1, 4 completions, each with the whole step's normaliser.
     norm = split_kwargs(mode, mask, world_size=1)
@@ -309,9 +316,7 @@ def test_two_rank_split_averages_to_the_global_loss(mode):
     logprobs, _ = random_batch(gen, B, T)
     lengths = torch.tensor([6, 5, 6, 6, 1, 2, 1, 1])
     mask = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
-    old = logprobs + 0.3 * torch.randn(B, T, generator=gen, dtype=F64)
-    ref = logprobs + 0.3 * torch.randn(B, T, generator=gen, dtype=F64)
-    advantages = torch.randn(B, generator=gen, dtype=F64)
+    old, ref, advantages = nearby_policies(gen, logprobs)
     whole = both_losses(logprobs, old, ref, advantages, mask, **mode)
     norm = split_kwargs(mode, mask, world_size=2)
     ranks = [slice(0, 4), slice(4, 8)]
