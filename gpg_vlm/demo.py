@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TASK_METRIC = {"classification": "accuracy", "counting": "accuracy", "grounding": "mean IoU"}
+DEFAULT_NEW_TOKENS = {"classification": 12, "counting": 10, "grounding": 32}
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class DemoSettings:
     max_resample_tries: int = 3
     max_grad_norm: float = 1.0
     format_weight: float = 0.1
-    max_new_tokens: int = 12
+    max_new_tokens: int = 0  # 0: by task (a box answer needs ~25 tokens, a class name ~7)
     temperature: float = 1.0  # sampling = the policy; log-probs use the same temperature
     eval_every_steps: int = 40
     seed: int = 0
@@ -170,7 +171,8 @@ def run_algorithm(algorithm: str, task: str, warm: Path, train_file: Path, test_
         algorithm=algorithm, group_size=settings.group_size,
         prompts_per_step=settings.prompts_per_step, beta_th=settings.beta_th,
         max_resample_tries=settings.max_resample_tries, rewards=rewards, answer_only=True,
-        prompt_template=template, max_new_tokens=settings.max_new_tokens,
+        prompt_template=template,
+        max_new_tokens=settings.max_new_tokens or DEFAULT_NEW_TOKENS[task],
         temperature=settings.temperature,
         learning_rate=settings.learning_rate, lr_schedule=settings.lr_schedule,
         max_grad_norm=settings.max_grad_norm, max_steps=100000, max_minutes=minutes,
