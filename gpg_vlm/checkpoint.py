@@ -63,10 +63,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, base_model_dir: st
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        for name in PROCESSOR_FILES:
-            src = Path(base_model_dir) / name
-            if src.is_file() and not (tmp / name).exists():
-                shutil.copy2(src, tmp / name)
+        copy_processor_files(base_model_dir, tmp)
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         # the state file is written last: its presence marks the folder complete
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n", encoding="utf-8")
@@ -88,6 +85,14 @@ def save_checkpoint(output_dir: str | Path, step: int, model, base_model_dir: st
     for stale in output_dir.glob(".checkpoint-*"):  # left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def copy_processor_files(src_dir: str | Path, dst_dir: str | Path) -> None:
+    """Copy the tokenizer, processor, template and generation files a model directory needs."""
+    for name in PROCESSOR_FILES:
+        src = Path(src_dir) / name
+        if src.is_file() and not (Path(dst_dir) / name).exists():
+            shutil.copy2(src, Path(dst_dir) / name)
 
 
 def load_checkpoint_state(path: str | Path) -> tuple[dict, dict]:

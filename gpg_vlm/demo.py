@@ -116,7 +116,7 @@ def warm_up(model_dir: Path, train_file: Path, out: Path, task: str, settings: D
     from gpg_vlm.adapter import VLMAdapter
     from gpg_vlm.data import load_rows
     from gpg_vlm.evaluate import samples_of
-    from gpg_vlm.checkpoint import PROCESSOR_FILES
+    from gpg_vlm.checkpoint import copy_processor_files
 
     if (out / "model.safetensors").is_file():
         return out
@@ -150,9 +150,7 @@ def warm_up(model_dir: Path, train_file: Path, out: Path, task: str, settings: D
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     adapter.model.save_pretrained(tmp)
-    for name in PROCESSOR_FILES:
-        if (model_dir / name).is_file() and not (tmp / name).exists():
-            shutil.copy2(model_dir / name, tmp / name)
+    copy_processor_files(model_dir, tmp)
     try:
         os.replace(tmp, out)
     except OSError:  # another run finished the same (deterministic) warm-up first

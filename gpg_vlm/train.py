@@ -29,6 +29,7 @@ import resource
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -241,8 +242,6 @@ class Trainer:
         DDP and ZeRO-2 keep full parameters (nothing to do). FSDP and ZeRO-3 shard them; the
         gathering below follows their documented APIs but has not been run on a GPU yet.
         """
-        from contextlib import nullcontext
-
         from accelerate.utils import DistributedType
 
         kind = self.acc.distributed_type
@@ -338,7 +337,7 @@ class Trainer:
             mask = rollout.completion_mask[rows]
             t = max(1, int(mask.sum(-1).max()))
             sync = k == len(groups) - 1
-            ctx = self.acc.no_sync(scorer) if not sync else _nullcontext()
+            ctx = self.acc.no_sync(scorer) if not sync else nullcontext()
             with ctx:
                 lp = self.adapter.logprobs(batch, rollout.prompt_index[rows],
                                            rollout.completion_ids[rows, :t], mask[:, :t],
@@ -598,14 +597,6 @@ class _LoraSaver:
 
         weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
         save_file(weights, str(Path(path) / "adapter_model.safetensors"))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _peak_memory_mb() -> float:
