@@ -506,8 +506,12 @@ class VLMAdapter:
 
     # ------------------------------------------------------- training forward
     def logprobs(self, batch: PromptBatch, prompt_index: torch.Tensor, completion_ids: torch.Tensor,
-                 completion_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+                 completion_mask: torch.Tensor, temperature: float = 1.0,
+                 with_entropy: bool = False):
         """Per-token log-probs (b, T) of `b` completions of prompts `prompt_index`, with grad.
+
+        With `with_entropy`, a pair: the log-probs and the entropies (b, T) of the (tempered,
+        vision-masked) next-token distributions at the same positions, also with grad.
 
         One call is one micro-batch. Each of its prompts (and so each image) goes through the
         model once; its completions continue from the prompt's repeated KV cache. Positions
@@ -526,7 +530,8 @@ class VLMAdapter:
         positions = self._positions(ids, attn, mm, grid)  # (3, p, L)
         row_images = sub.image_indices(rows.tolist()) if grid is not None else None
         return self.scorer(ids, attn, positions, mm, pixel_values, grid, rows.to(device), row_images,
-                           completion_ids.to(device), completion_mask.to(device), temperature)
+                           completion_ids.to(device), completion_mask.to(device), temperature,
+                           with_entropy)
 
     def micro_batches(self, batch: PromptBatch, prompt_index: torch.Tensor,
                       completion_mask: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
@@ -581,7 +586,7 @@ class TokenScorer(torch.nn.Module):
 
     def forward(self, prompt_ids, prompt_mask, prompt_positions, prompt_mm, pixel_values,
                 image_grid_thw, rows, row_images, completion_ids, completion_mask,
-                temperature: float):
+                temperature: float, with_entropy: bool = False):
         b, t = completion_ids.shape
         # completion tokens are text: their positions continue from the prompt's largest one
         next_pos = prompt_positions.amax(dim=(0, 2)) + 1  # (p,)
@@ -600,8 +605,15 @@ class TokenScorer(torch.nn.Module):
         if temperature > 0:
             logits = logits / temperature
         logits = logits.masked_fill(self.suppressed.to(logits.device), float("-inf"))
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-        return torch.where(completion_mask.bool(), logp, torch.zeros_like(logp))  # (b, T)
+        all_logp = torch.log_softmax(logits, dim=-1)  # (b, T, V)
+        logp = all_logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        keep = completion_mask.bool()
+        logp = torch.where(keep, logp, torch.zeros_like(logp))  # (b, T)
+        if not with_entropy:
+            return logp
+        finite = all_logp.masked_fill(self.suppressed.to(all_logp.device), 0.0)  # no 0 * -inf
+        entropy = -(finite.exp() * finite).sum(-1)  # (b, T); suppressed tokens add 1 * 0
+        return logp, torch.where(keep, entropy, torch.zeros_like(entropy))
 
     def _shared_prefix(self, prompt_ids, prompt_mask, prompt_positions, prompt_mm, pixel_values,
                        image_grid_thw, rows, completion_ids, mask, completion_pos):

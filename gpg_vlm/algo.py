@@ -56,6 +56,7 @@ __all__ = [
     "group_rows",
     "gpg_loss",
     "grpo_loss",
+    "entropy_bonus",
 ]
 
 
@@ -225,6 +226,29 @@ def gpg_loss(
     per_token = _masked(per_token, keep)  # (B, T); a non-finite advantage of an empty row stays out
     loss = _aggregate(per_token, keep, token_mean, length_norm, num_completions, num_tokens)
     return loss * torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)
+
+
+def entropy_bonus(
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    coef: float,
+    token_mean: bool = False,
+    *,
+    num_completions=None,
+    num_tokens=None,
+) -> torch.Tensor:
+    """`-coef * mean(H(pi(.|o_<t)))`: a term to add to a policy loss (0-dim tensor).
+
+    Not part of GPG or GRPO; an optional regulariser (verl's `entropy_coeff`) that keeps the
+    policy from turning deterministic while rewards still vary. entropy: (B, T) entropies of the
+    next-token distributions at the completion positions; aggregated like the policy loss.
+    """
+    if entropy.dim() != 2 or mask.shape != entropy.shape:
+        raise ValueError(f"entropy {tuple(entropy.shape)} and mask {tuple(mask.shape)} must be "
+                         "equal (B, T)")
+    keep = mask.bool()
+    per_token = _masked(entropy, keep)
+    return -coef * _aggregate(per_token, keep, token_mean, None, num_completions, num_tokens)
 
 
 def grpo_loss(

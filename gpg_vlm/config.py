@@ -55,6 +55,8 @@ class TrainConfig:
     """GRPO ratio clipping; 0.2 is the PPO/GRPO standard."""
     kl_beta: float = 0.04
     """GRPO KL weight to the frozen reference; 0.04 as in DeepSeekMath GRPO and TRL. The reference is loaded only when > 0."""
+    entropy_coef: float = 0.0
+    """Weight of an entropy bonus added to the loss of any algorithm (verl's `entropy_coeff`). 0 = the paper's loss; > 0 keeps sampling from turning deterministic (every completion is then trained, not only those with a non-zero advantage)."""
 
     # --- rewards and prompts
     rewards: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
@@ -172,7 +174,7 @@ class TrainConfig:
             if getattr(self, key) <= 0:
                 bad(key, f"must be > 0, got {getattr(self, key)}")
         for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
-                    "lora_r", "clip_eps", "kl_beta", "top_k", "lora_dropout"):
+                    "lora_r", "clip_eps", "kl_beta", "top_k", "lora_dropout", "entropy_coef"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
         if self.epochs is not None and self.epochs <= 0:

@@ -48,6 +48,7 @@ class DemoSettings:
     beta_th: float = 0.6  # the paper's best text setting; keeps the batch informative late on
     max_resample_tries: int = 3
     max_grad_norm: float = 1.0
+    entropy_coef: float = 0.0
     format_weight: float = 0.1
     max_new_tokens: int = 0  # 0: by task (a box answer needs ~25 tokens, a class name ~7)
     temperature: float = 1.0  # sampling = the policy; log-probs use the same temperature
@@ -173,7 +174,7 @@ def run_algorithm(algorithm: str, task: str, warm: Path, train_file: Path, test_
         max_new_tokens=settings.max_new_tokens or DEFAULT_NEW_TOKENS[task],
         temperature=settings.temperature,
         learning_rate=settings.learning_rate, lr_schedule=settings.lr_schedule,
-        max_grad_norm=settings.max_grad_norm, max_steps=100000, max_minutes=minutes,
+        max_grad_norm=settings.max_grad_norm, entropy_coef=settings.entropy_coef, max_steps=100000, max_minutes=minutes,
         eval_steps=settings.eval_every_steps, save_steps=0, seed=settings.seed,
         tensorboard=False)
     trainer = Trainer(cfg)

@@ -289,13 +289,15 @@ class Trainer:
                 ref = self.reference.completion_logprobs(batch, rollout, cfg.temperature,
                                                          cfg.micro_batch_tokens)
             train_rows = torch.arange(mask.shape[0])
-            if self.reference is None:  # zero-advantage completions have zero gradient
-                train_rows = train_rows[advantages != 0]
+            if self.reference is None and cfg.entropy_coef == 0:
+                train_rows = train_rows[advantages != 0]  # zero advantage: zero gradient
             loss_total = self._backward(batch, rollout, advantages, ref, alpha, train_rows,
                                         num_completions, num_tokens)
             grad_norm = self._clip_and_check()  # after the all-reduce: equal on every rank
             loss_total = self._sum_over_processes(loss_total) / world
             metrics["grad_norm"] = grad_norm
+            if self.last_entropy is not None:  # mean next-token entropy of the trained completions
+                metrics["entropy"] = self._sum_over_processes(self.last_entropy) / world
             if math.isfinite(loss_total) and math.isfinite(grad_norm):
                 self.optimizer.step()
                 updated = True
@@ -331,7 +333,7 @@ class Trainer:
         rollout_rows = rollout.select(train_rows, rollout.prompt_index[train_rows])
         groups = self.adapter.micro_batches(batch, rollout_rows.prompt_index,
                                             rollout_rows.completion_mask, cfg.micro_batch_tokens)
-        total = 0.0
+        total, entropy_sum = 0.0, 0.0
         for k, idx in enumerate(groups):
             rows = train_rows[idx]
             mask = rollout.completion_mask[rows]
@@ -341,7 +343,9 @@ class Trainer:
             with ctx:
                 lp = self.adapter.logprobs(batch, rollout.prompt_index[rows],
                                            rollout.completion_ids[rows, :t], mask[:, :t],
-                                           cfg.temperature)  # (b, t)
+                                           cfg.temperature, with_entropy=cfg.entropy_coef > 0)
+                if cfg.entropy_coef > 0:
+                    lp, entropy = lp  # (b, t) each
                 mask_t = mask[:, :t].to(lp.device)
                 adv = advantages[rows].to(lp.device)
                 if cfg.algorithm == "gpg":
@@ -353,10 +357,17 @@ class Trainer:
                         mask_t, clip_eps=cfg.clip_eps, beta=cfg.kl_beta, token_mean=cfg.token_mean,
                         length_norm=float(cfg.max_new_tokens) if cfg.algorithm == "dr_grpo" else None,
                         num_completions=num_completions, num_tokens=num_tokens)
+                if cfg.entropy_coef > 0:
+                    bonus = algo.entropy_bonus(entropy, mask_t, cfg.entropy_coef, cfg.token_mean,
+                                               num_completions=num_completions,
+                                               num_tokens=num_tokens)
+                    entropy_sum += float(bonus.detach()) / -cfg.entropy_coef
+                    loss = loss + bonus
                 if zero:
                     loss = loss * 0.0
                 self.acc.backward(loss)
             total += float(loss.detach())
+        self.last_entropy = entropy_sum if cfg.entropy_coef > 0 else None
         return total
 
     def _clip_and_check(self) -> float:

@@ -56,6 +56,33 @@ def test_training_logprobs_equal_sampling_logprobs(adapter):
     assert (trained - rollout.logprobs).abs().max() < TOL
 
 
+def test_entropies_are_those_of_the_masked_tempered_logits(adapter):
+    batch = adapter.encode(mixed_samples())
+    rollout = adapter.generate(batch, group_size=2, max_new_tokens=6,
+                               generator=torch.Generator().manual_seed(3))
+    rows = torch.arange(rollout.completion_ids.shape[0])
+    seen = []
+    hook = adapter.model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out))
+    try:
+        logp, entropy = adapter.logprobs(batch, rollout.prompt_index, rollout.completion_ids,
+                                         rollout.completion_mask, 1.5, with_entropy=True)
+    finally:
+        hook.remove()
+    logits = (seen[-1].float() / 1.5).masked_fill(adapter.scorer.suppressed, float("-inf"))
+    expected = torch.distributions.Categorical(logits=logits).entropy()  # (b, T)
+    keep = rollout.completion_mask.bool()
+    assert (entropy[keep] - expected[keep]).abs().max() < TOL
+    assert (entropy[~keep] == 0).all() and torch.isfinite(entropy).all()
+    plain = adapter.logprobs(batch, rollout.prompt_index, rollout.completion_ids,
+                             rollout.completion_mask, 1.5)
+    assert torch.equal(plain, logp)
+    entropy.sum().backward()  # the bonus trains the model
+    grads = [p.grad for p in adapter.model.parameters() if p.grad is not None]
+    adapter.model.zero_grad(set_to_none=True)
+    assert grads and all(torch.isfinite(g).all() for g in grads)  # no 0 * -inf at masked ids
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
 def test_mixed_batch_equals_each_prompt_alone(adapter):
     samples = mixed_samples()
     batch = adapter.encode(samples)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gpg_vlm.algo import (
+    entropy_bonus,
     gpg_alpha,
     gpg_loss,
     group_advantages,
@@ -146,6 +147,19 @@ def test_gpg_loss_sequence_mean_by_hand():
     torch.testing.assert_close(
         gpg_loss(logprobs, advantages, mask, alpha=gpg_alpha(4, 2)), t(-1.25), **TOL
     )
+
+
+def test_entropy_bonus_by_hand():
+    # Entropies [[1, 3], [2, garbage]]: per completion (1 + 3) / 2 = 2 and 2, mean 2 -> -0.1 * 2;
+    # over all real tokens (1 + 3 + 2) / 3 = 2 as well; with [[1, 3], [5, .]]: 3.5 vs 3.
+    entropy, mask = t([[1.0, 3.0], [2.0, float("nan")]]), torch.tensor([[1, 1], [1, 0]])
+    torch.testing.assert_close(entropy_bonus(entropy, mask, 0.1), t(-0.2), **TOL)
+    entropy = t([[1.0, 3.0], [5.0, 7.0]])
+    torch.testing.assert_close(entropy_bonus(entropy, mask, 0.1), t(-0.35), **TOL)
+    torch.testing.assert_close(entropy_bonus(entropy, mask, 0.1, token_mean=True), t(-0.3), **TOL)
+    torch.testing.assert_close(entropy_bonus(entropy, mask, 1.0, num_completions=4), t(-1.75), **TOL)
+    with pytest.raises(ValueError, match="must be equal"):
+        entropy_bonus(entropy, mask[:, :1], 0.1)
 
 
 def test_gpg_loss_token_mean_by_hand():

@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny model: it learns something, resumes exactly, runs DDP."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -99,6 +100,18 @@ def test_no_informative_group_makes_no_update(tiny_dirs, fm_data, tmp_path):
     assert step["skipped"] == "no informative group" and not step["updated"]
     assert step["resample_tries"] == 2  # beta_th drew more prompts up to the bound
     assert all(torch.equal(a, p) for a, p in zip(before, trainer.params))
+
+
+def test_entropy_bonus_adds_to_the_gpg_loss_of_the_same_rollout(tiny_dirs, fm_data, tmp_path):
+    from gpg_vlm.train import Trainer
+
+    plain = [h for h in Trainer(make_config(tiny_dirs, fm_data, tmp_path / "a", max_steps=1)).train()
+             if "loss" in h][0]
+    cfg = make_config(tiny_dirs, fm_data, tmp_path / "b", max_steps=1, entropy_coef=0.5)
+    (step,) = [h for h in Trainer(cfg).train() if "loss" in h]
+    assert "entropy" not in plain and 0 < step["entropy"] < math.log(2000)
+    assert step["reward"] == plain["reward"]  # the same rollout: the bonus acts after sampling
+    assert step["loss"] == pytest.approx(plain["loss"] - 0.5 * step["entropy"], abs=1e-5)
 
 
 def test_grpo_loads_a_frozen_reference_and_trains(tiny_dirs, fm_data, tmp_path):
