@@ -57,6 +57,7 @@ __all__ = [
     "gpg_loss",
     "grpo_loss",
     "entropy_bonus",
+    "kl_penalty",
 ]
 
 
@@ -251,6 +252,36 @@ def entropy_bonus(
     return -coef * _aggregate(per_token, keep, token_mean, None, num_completions, num_tokens)
 
 
+def _k3(lp: torch.Tensor, ref_logprobs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref), `exp(d) - d - 1` with `d = ref - lp`: (B, T)."""
+    d = _masked(ref_logprobs.detach(), keep) - lp  # (B, T)
+    return torch.exp(d) - d - 1.0
+
+
+def kl_penalty(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    token_mean: bool = False,
+    *,
+    length_norm: float | None = None,
+    num_completions=None,
+    num_tokens=None,
+) -> torch.Tensor:
+    """`beta * mean(KL_k3(pi || ref))`, GRPO's KL term alone, to add to a GPG loss (0-dim).
+
+    Not part of GPG (whose paper drops the reference model); an opt-in regulariser that keeps
+    the policy near its starting point. Reduced like the policy loss.
+    """
+    if ref_logprobs.shape != logprobs.shape or mask.shape != logprobs.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, ref_logprobs "
+                         f"{tuple(ref_logprobs.shape)} and mask {tuple(mask.shape)} must be equal")
+    keep = mask.bool()
+    per_token = _masked(beta * _k3(_masked(logprobs, keep), ref_logprobs, keep), keep)
+    return _aggregate(per_token, keep, token_mean, length_norm, num_completions, num_tokens)
+
+
 def grpo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor | None,
@@ -286,7 +317,6 @@ def grpo_loss(
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)  # (B, T)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # (B, T)
     if ref_logprobs is not None and beta != 0:
-        d = _masked(ref_logprobs.detach(), keep) - lp  # (B, T)
-        per_token = per_token + beta * (torch.exp(d) - d - 1.0)  # (B, T)
+        per_token = per_token + beta * _k3(lp, ref_logprobs, keep)  # (B, T)
     per_token = _masked(per_token, keep)  # (B, T)
     return _aggregate(per_token, keep, token_mean, length_norm, num_completions, num_tokens)

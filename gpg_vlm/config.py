@@ -53,8 +53,8 @@ class TrainConfig:
     """Average the loss over all tokens of the batch (the paper's text code) instead of per completion then over completions (its multimodal code)."""
     clip_eps: float = 0.2
     """GRPO ratio clipping; 0.2 is the PPO/GRPO standard."""
-    kl_beta: float = 0.04
-    """GRPO KL weight to the frozen reference; 0.04 as in DeepSeekMath GRPO and TRL. The reference is loaded only when > 0."""
+    kl_beta: float | None = None
+    """KL weight to the frozen reference (the starting model). None: the algorithm's own choice (grpo: 0.04 as in DeepSeekMath GRPO and TRL; dr_grpo and gpg: 0, no reference model as in their papers). The reference is loaded only when > 0."""
     entropy_coef: float = 0.0
     """Weight of an entropy bonus added to the loss of any algorithm (verl's `entropy_coeff`). 0 = the paper's loss; > 0 keeps sampling from turning deterministic (every completion is then trained, not only those with a non-zero advantage)."""
 
@@ -174,9 +174,11 @@ class TrainConfig:
             if getattr(self, key) <= 0:
                 bad(key, f"must be > 0, got {getattr(self, key)}")
         for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
-                    "lora_r", "clip_eps", "kl_beta", "top_k", "lora_dropout", "entropy_coef"):
+                    "lora_r", "clip_eps", "top_k", "lora_dropout", "entropy_coef"):
             if getattr(self, key) < 0:
                 bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.kl_beta is not None and self.kl_beta < 0:
+            bad("kl_beta", f"must be >= 0 or null, got {self.kl_beta}")
         if self.epochs is not None and self.epochs <= 0:
             bad("epochs", f"must be > 0 or null, got {self.epochs}")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -203,8 +205,14 @@ class TrainConfig:
         return self.algorithm == "grpo"
 
     @property
+    def kl_weight(self) -> float:
+        if self.kl_beta is not None:
+            return self.kl_beta
+        return 0.04 if self.algorithm == "grpo" else 0.0
+
+    @property
     def uses_reference(self) -> bool:
-        return self.algorithm in ("grpo", "dr_grpo") and self.kl_beta > 0
+        return self.kl_weight > 0
 
     # ------------------------------------------------------------ reading
     @classmethod

@@ -49,6 +49,7 @@ class DemoSettings:
     max_resample_tries: int = 3
     max_grad_norm: float = 1.0
     entropy_coef: float = 0.0
+    kl_beta: float = 0.0  # GPG's own setting: no reference model
     format_weight: float = 0.1
     max_new_tokens: int = 0  # 0: by task (a box answer needs ~25 tokens, a class name ~7)
     temperature: float = 1.0  # sampling = the policy; log-probs use the same temperature
@@ -174,12 +175,38 @@ def run_algorithm(algorithm: str, task: str, warm: Path, train_file: Path, test_
         max_new_tokens=settings.max_new_tokens or DEFAULT_NEW_TOKENS[task],
         temperature=settings.temperature,
         learning_rate=settings.learning_rate, lr_schedule=settings.lr_schedule,
-        max_grad_norm=settings.max_grad_norm, entropy_coef=settings.entropy_coef, max_steps=100000, max_minutes=minutes,
+        max_grad_norm=settings.max_grad_norm, entropy_coef=settings.entropy_coef,
+        kl_beta=settings.kl_beta if algorithm == "gpg" else None, max_steps=100000, max_minutes=minutes,
         eval_steps=settings.eval_every_steps, save_steps=0, seed=settings.seed,
         tensorboard=False)
     trainer = Trainer(cfg)
     history = trainer.train()
-    return {"history": history, "steps": trainer.step, "seconds": trainer.train_seconds}
+    run = {"history": history, "steps": trainer.step, "seconds": trainer.train_seconds}
+    if task != "grounding":
+        run["by_answer"] = answer_breakdown(trainer.adapter, trainer.eval_rows, template,
+                                            cfg.max_new_tokens)
+    return run
+
+
+def answer_breakdown(adapter, rows, template: str, max_new_tokens: int) -> dict:
+    """Per true answer: held-out greedy accuracy and the share of all answers that name it.
+
+    A policy that has stopped naming a class at all (share 0) can never be rewarded for it
+    again: this table shows that failure directly.
+    """
+    from gpg_vlm.evaluate import evaluate_rows
+    from gpg_vlm.rewards.answer import extract_answer
+    from gpg_vlm.rewards.classification import normalize_text
+
+    adapter.model.eval()
+    items = evaluate_rows(adapter, rows, template, max_new_tokens=max_new_tokens)["items"]
+    answered = [normalize_text(extract_answer(i["completions"][0]) or "") for i in items]
+    table = {}
+    for truth in sorted({normalize_text(str(r.solution)) for r in rows}):
+        mine = [i["reward"] for r, i in zip(rows, items) if normalize_text(str(r.solution)) == truth]
+        table[truth] = {"n": len(mine), "accuracy": round(sum(mine) / len(mine), 4),
+                        "answer_share": round(answered.count(truth) / len(items), 4)}
+    return table
 
 
 def main(argv: list[str]) -> int:

@@ -33,6 +33,9 @@ def summarize(task: str, algorithm: str, run: dict) -> dict:
         "seconds_per_step": round(run["seconds"] / max(1, run["steps"]), 3),
         "informative_fraction_last50": _mean([h["informative_fraction"] for h in steps[-50:]]),
         "updates": sum(1 for h in steps if h.get("updated")),
+        "by_answer": run.get("by_answer"),
+        "never_answered": sorted(k for k, v in run.get("by_answer", {}).items()
+                                 if v["answer_share"] == 0),
     }
 
 
@@ -92,6 +95,13 @@ def write_reports(out: Path, task: str, results: dict, settings, total_seconds: 
         lines.append(f"| {name} | {_pct(s['accuracy_before'])} | {_pct(s['accuracy_after'])} | "
                      f"{_pct(s['accuracy_peak'])} | {s['steps']} | {s['seconds']} | "
                      f"{s['seconds_per_step']} |")
+    for name, run in results.items():
+        if run.get("by_answer"):
+            lines += ["", f"{name}, held-out by true answer (greedy): accuracy and the share of "
+                      "all answers naming it (0: the policy no longer says it at all)", "",
+                      "| answer | n | accuracy | share of answers |", "|---|---|---|---|"]
+            lines += [f"| {k} | {v['n']} | {_pct(v['accuracy'])} | {_pct(v['answer_share'])} |"
+                      for k, v in run["by_answer"].items()]
     lines += ["", "Settings:", "", "```", json.dumps(dataclasses.asdict(settings), indent=1), "```",
               "", "![curves](curves.png)", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -13,7 +13,7 @@ One step:
 How it differs from the paper's scripts, on purpose: one update per batch (on-policy, so no
 old-log-prob pass and GRPO's ratio is 1 at the update); completions whose advantage is zero
 are not run through the training forward under GPG (their gradient is exactly zero); the
-reference model exists only for GRPO / Dr.GRPO with kl_beta > 0.
+reference model exists only where the KL weight is > 0 (GRPO's default; opt-in for the others).
 
 This module is the only one that reads the config and touches accelerate, files and logging.
 """
@@ -351,10 +351,14 @@ class Trainer:
                 if cfg.algorithm == "gpg":
                     loss = algo.gpg_loss(lp, adv, mask_t, alpha=alpha, token_mean=cfg.token_mean,
                                          num_completions=num_completions, num_tokens=num_tokens)
+                    if ref is not None:
+                        loss = loss + algo.kl_penalty(
+                            lp, ref[rows, :t].to(lp.device), mask_t, cfg.kl_weight,
+                            cfg.token_mean, num_completions=num_completions, num_tokens=num_tokens)
                 else:
                     loss = algo.grpo_loss(
                         lp, None, ref[rows, :t].to(lp.device) if ref is not None else None, adv,
-                        mask_t, clip_eps=cfg.clip_eps, beta=cfg.kl_beta, token_mean=cfg.token_mean,
+                        mask_t, clip_eps=cfg.clip_eps, beta=cfg.kl_weight, token_mean=cfg.token_mean,
                         length_norm=float(cfg.max_new_tokens) if cfg.algorithm == "dr_grpo" else None,
                         num_completions=num_completions, num_tokens=num_tokens)
                 if cfg.entropy_coef > 0:

@@ -16,6 +16,7 @@ from gpg_vlm.algo import (
     gpg_alpha,
     gpg_loss,
     group_advantages,
+    kl_penalty,
     group_rows,
     grpo_loss,
     informative_groups,
@@ -160,6 +161,20 @@ def test_entropy_bonus_by_hand():
     torch.testing.assert_close(entropy_bonus(entropy, mask, 1.0, num_completions=4), t(-1.75), **TOL)
     with pytest.raises(ValueError, match="must be equal"):
         entropy_bonus(entropy, mask[:, :1], 0.1)
+
+
+def test_kl_penalty_by_hand_and_as_in_grpo_loss():
+    # d = ref - lp = [[0, 1], [1, .]]; k3 = exp(d) - d - 1 = [[0, e - 2], [e - 2, .]];
+    # per completion (e - 2) / 2 and (e - 2), mean 0.75 (e - 2), times beta = 0.1.
+    logprobs, advantages, mask = hand_batch()
+    ref = t([[-1.0, -1.0], [-3.0, float("nan")]])
+    expected = t(0.1 * 0.75 * (math.e - 2))
+    torch.testing.assert_close(kl_penalty(logprobs, ref, mask, 0.1), expected, **TOL)
+    policy_only = grpo_loss(logprobs, None, None, advantages, mask)
+    torch.testing.assert_close(grpo_loss(logprobs, None, ref, advantages, mask, beta=0.1),
+                               policy_only + expected, **TOL)
+    with pytest.raises(ValueError, match="must be equal"):
+        kl_penalty(logprobs, ref[:, :1], mask, 0.1)
 
 
 def test_gpg_loss_token_mean_by_hand():

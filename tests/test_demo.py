@@ -24,6 +24,12 @@ def test_demo_writes_its_outputs(tmp_path, task):
     assert (out / "report.md").read_text().startswith("# gpg-vlm demo")
     assert (out / "curves.png").stat().st_size > 10_000
     assert any("eval/accuracy" in json.loads(line) for line in (out / "metrics.jsonl").open())
+    if task != "grounding":  # held-out accuracy by true answer, and how often each is answered
+        table = summary["by_answer"]
+        assert sum(v["n"] for v in table.values()) == 4
+        assert sum(v["answer_share"] for v in table.values()) <= 1.0 + 1e-9
+        assert set(summary["never_answered"]) <= set(table)
+        assert "by true answer" in (out / "report.md").read_text()
 
 
 def test_demo_compare_runs_both(tmp_path):

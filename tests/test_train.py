@@ -114,6 +114,21 @@ def test_entropy_bonus_adds_to_the_gpg_loss_of_the_same_rollout(tiny_dirs, fm_da
     assert step["loss"] == pytest.approx(plain["loss"] - 0.5 * step["entropy"], abs=1e-5)
 
 
+def test_gpg_with_a_kl_weight_loads_a_reference_and_starts_at_zero_kl(tiny_dirs, fm_data, tmp_path):
+    from gpg_vlm.train import Trainer
+
+    assert Trainer(make_config(tiny_dirs, fm_data, tmp_path / "a")).reference is None
+    plain = [h for h in Trainer(make_config(tiny_dirs, fm_data, tmp_path / "b")).train()
+             if "loss" in h]
+    trainer = Trainer(make_config(tiny_dirs, fm_data, tmp_path / "c", kl_beta=0.5))
+    assert trainer.reference is not None
+    steps = [h for h in trainer.train() if "loss" in h]
+    # step 1: policy == reference, so the KL term is exactly 0; step 2 differs
+    assert steps[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)
+    assert steps[1]["loss"] != pytest.approx(plain[1]["loss"], abs=1e-6)
+    assert all(h["alpha"] == p["alpha"] for h, p in zip(steps, plain))
+
+
 def test_grpo_loads_a_frozen_reference_and_trains(tiny_dirs, fm_data, tmp_path):
     from gpg_vlm.train import Trainer
 
