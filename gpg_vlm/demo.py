@@ -6,8 +6,9 @@
    `<answer>NAME</answer>` with a valid name and nothing about the images (held-out accuracy
    stays at chance: the summary reports it as `accuracy_before`).
 3. GPG (or GRPO) from the warm-up weights for a wall-clock budget, with held-out accuracy
-   evaluated greedily during training. GPG here carries a KL term to the warm-up model
-   (`kl_beta`, 0.04), which the paper's GPG does not have: `--set kl_beta=0` runs it pure.
+   evaluated greedily during training. For classification and counting GPG here carries a
+   KL term to the warm-up model (`kl_beta` 0.04), which the paper's GPG does not have:
+   `--set kl_beta=0` runs it pure.
 4. `metrics.jsonl`, `summary.json`, `report.md` and `curves.png` in the output folder.
 
 `--compare` runs GPG and GRPO (std-normalised advantages, clip 0.2, KL 0.04 to the frozen
@@ -27,6 +28,10 @@ from pathlib import Path
 
 TASK_METRIC = {"classification": "accuracy", "counting": "accuracy", "grounding": "mean IoU"}
 DEFAULT_NEW_TOKENS = {"classification": 12, "counting": 10, "grounding": 32}
+# KL weight to the warm-up model by task (README "The demo"): names and counts are discrete
+# answers the paper's GPG drops for good; a box is four numbers that the warm-up drew at random,
+# and a KL term to those random draws held the IoU at its warm-up level.
+DEFAULT_KL = {"classification": 0.04, "counting": 0.04, "grounding": 0.0}
 
 
 @dataclass(frozen=True)
@@ -50,10 +55,10 @@ class DemoSettings:
     max_resample_tries: int = 3
     max_grad_norm: float = 1.0
     entropy_coef: float = 0.0
-    # KL (k3, as GRPO) to the warm-up model. The paper's GPG has none (kl_beta=0); on this
-    # from-scratch model it then stops naming whole classes early and never recovers them
-    # (55-70% across seeds); 0.04 keeps every class answered (README "The demo").
-    kl_beta: float = 0.04
+    # KL (k3, as GRPO) to the warm-up model in the GPG run; None: by task (DEFAULT_KL). The
+    # paper's GPG has none (kl_beta=0): on this from-scratch model it stops naming whole
+    # classes early and never recovers them (56-70% across seeds); 0.04 keeps every class.
+    kl_beta: float | None = None
     format_weight: float = 0.1
     max_new_tokens: int = 0  # 0: by task (a box answer needs ~25 tokens, a class name ~7)
     temperature: float = 1.0  # sampling = the policy; log-probs use the same temperature
@@ -72,7 +77,18 @@ def _overrides(items: list[str]) -> dict:
             raise SystemExit(f"gpg-vlm demo: --set {item!r}: expected KEY=VALUE with KEY one of "
                              f"{', '.join(valid)}")
         value = yaml.safe_load(raw)
-        out[key] = float(value) if valid[key] == "float" and isinstance(value, (int, str)) else value
+        kind = valid[key].replace(" | None", "")
+        if value is None and valid[key].endswith("| None"):
+            out[key] = None
+        elif kind in ("int", "str") and type(value).__name__ == kind:
+            out[key] = value
+        else:
+            try:  # YAML reads 1e-3 as a string
+                if kind != "float" or isinstance(value, bool):
+                    raise ValueError
+                out[key] = float(value)
+            except (TypeError, ValueError):
+                raise SystemExit(f"gpg-vlm demo: --set {item!r}: {key} expects {valid[key]}") from None
     return out
 
 
@@ -164,6 +180,10 @@ def warm_up(model_dir: Path, train_file: Path, out: Path, task: str, settings: D
     return out
 
 
+def kl_beta(task: str, settings: DemoSettings) -> float:
+    return DEFAULT_KL[task] if settings.kl_beta is None else settings.kl_beta
+
+
 def run_algorithm(algorithm: str, task: str, warm: Path, train_file: Path, test_file: Path,
                   out: Path, minutes: float, settings: DemoSettings, template: str) -> dict:
     from gpg_vlm.config import TrainConfig
@@ -180,7 +200,7 @@ def run_algorithm(algorithm: str, task: str, warm: Path, train_file: Path, test_
         temperature=settings.temperature,
         learning_rate=settings.learning_rate, lr_schedule=settings.lr_schedule,
         max_grad_norm=settings.max_grad_norm, entropy_coef=settings.entropy_coef,
-        kl_beta=settings.kl_beta if algorithm == "gpg" else None,  # GRPO: its own 0.04
+        kl_beta=kl_beta(task, settings) if algorithm == "gpg" else None,  # GRPO: its own 0.04
         max_steps=100000, max_minutes=minutes,
         eval_steps=settings.eval_every_steps, save_steps=0, seed=settings.seed,
         tensorboard=False)

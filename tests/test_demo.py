@@ -42,3 +42,16 @@ def test_demo_compare_runs_both(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["compare"]) == {"gpg", "grpo"}
     assert (out / "gpg" / "metrics.jsonl").is_file() and (out / "grpo" / "metrics.jsonl").is_file()
+
+
+def test_set_overrides_are_typed_and_bad_ones_name_the_key():
+    from gpg_vlm.demo import DemoSettings, _overrides, kl_beta
+
+    values = _overrides(["learning_rate=1e-3", "group_size=32", "kl_beta=0", "size=m"])
+    assert values == {"learning_rate": 1e-3, "group_size": 32, "kl_beta": 0.0, "size": "m"}
+    assert kl_beta("classification", DemoSettings(**values)) == 0.0  # the paper's GPG
+    assert kl_beta("classification", DemoSettings()) == 0.04 and kl_beta("grounding", DemoSettings()) == 0
+    for bad, key in (("group_size=2.5", "group_size"), ("learning_rate=fast", "learning_rate"),
+                     ("kl_beta=yes", "kl_beta"), ("nonsense=1", "KEY one of")):
+        with pytest.raises(SystemExit, match=key):
+            _overrides([bad])
