@@ -183,7 +183,8 @@ def _run_ours(spec: dict) -> dict:
     T = w.completion_tokens
     cfg = TrainConfig(
         model=spec["model"], data=spec["data"], output_dir=spec["scratch"],
-        algorithm="gpg" if spec["variant"] == "gpg" else "grpo", kl_beta=0.04,
+        algorithm="gpg" if spec["variant"] == "gpg" else "grpo",
+        kl_beta=None,  # each algorithm's own: none for GPG, 0.04 for GRPO
         group_size=w.group_size, prompts_per_step=w.prompts, beta_th=0.0, max_resample_tries=0,
         rewards={"gpg_vlm.bench:bench_reward": 1.0}, prompt_template=PROMPT_TEMPLATE,
         max_new_tokens=T, learning_rate=1e-6, max_grad_norm=1.0,
