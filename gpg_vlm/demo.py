@@ -248,6 +248,9 @@ def main(argv: list[str]) -> int:
                         help="override a demo setting, e.g. --set learning_rate=1e-3 size=m")
     args = parser.parse_args(argv)
     settings = DemoSettings(seed=args.seed, **_overrides(args.set))
+    settings = dataclasses.replace(  # the by-task defaults, resolved, so the reports show them
+        settings, kl_beta=kl_beta(args.task, settings),
+        max_new_tokens=settings.max_new_tokens or DEFAULT_NEW_TOKENS[args.task])
     cache = Path(args.cache) if args.cache else default_cache()
     out = Path(args.out)
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ def test_demo_writes_its_outputs(tmp_path, task):
     assert (out / "report.md").read_text().startswith("# gpg-vlm demo")
     assert (out / "curves.png").stat().st_size > 10_000
     assert any("eval/accuracy" in json.loads(line) for line in (out / "metrics.jsonl").open())
+    assert summary["settings"]["kl_beta"] == (0.0 if task == "grounding" else 0.04)  # resolved
     if task != "grounding":  # held-out accuracy by true answer, and how often each is answered
         table = summary["by_answer"]
         assert sum(v["n"] for v in table.values()) == 4
