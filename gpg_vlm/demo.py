@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,51 +181,57 @@ def warm_up(model_dir: Path, train_file: Path, out: Path, task: str, settings: D
     return out
 
 
-def kl_beta(task: str, settings: DemoSettings) -> float:
-    return DEFAULT_KL[task] if settings.kl_beta is None else settings.kl_beta
+def resolve(task: str, settings: DemoSettings) -> DemoSettings:
+    """The settings with their by-task defaults filled in, as the runs and reports use them."""
+    return dataclasses.replace(
+        settings, kl_beta=DEFAULT_KL[task] if settings.kl_beta is None else settings.kl_beta,
+        max_new_tokens=settings.max_new_tokens or DEFAULT_NEW_TOKENS[task])
 
 
-def run_algorithm(algorithm: str, task: str, warm: Path, train_file: Path, test_file: Path,
-                  out: Path, minutes: float, settings: DemoSettings, template: str) -> dict:
+def train_config(algorithm: str, warm: Path, train_file: Path, test_file: Path, out: Path,
+                 minutes: float, settings: DemoSettings, template: str):
+    """The trainer config of one demo run (validated: a bad `--set` value fails here)."""
     from gpg_vlm.config import TrainConfig
-    from gpg_vlm.train import Trainer
 
     rewards = {"accuracy": 1.0, "format": settings.format_weight}
-    cfg = TrainConfig(
+    return TrainConfig(
         model=str(warm), data=str(train_file), eval_data=str(test_file), output_dir=str(out),
         algorithm=algorithm, group_size=settings.group_size,
         prompts_per_step=settings.prompts_per_step, beta_th=settings.beta_th,
         max_resample_tries=settings.max_resample_tries, rewards=rewards, answer_only=True,
         prompt_template=template,
-        max_new_tokens=settings.max_new_tokens or DEFAULT_NEW_TOKENS[task],
+        max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,
         learning_rate=settings.learning_rate, lr_schedule=settings.lr_schedule,
         max_grad_norm=settings.max_grad_norm, entropy_coef=settings.entropy_coef,
-        kl_beta=kl_beta(task, settings) if algorithm == "gpg" else None,  # GRPO: its own 0.04
+        kl_beta=settings.kl_beta if algorithm == "gpg" else None,  # GRPO: its own 0.04
         max_steps=100000, max_minutes=minutes,
         eval_steps=settings.eval_every_steps, save_steps=0, seed=settings.seed,
         tensorboard=False)
+
+
+def run_algorithm(cfg, task: str) -> dict:
+    from gpg_vlm.train import Trainer
+
     trainer = Trainer(cfg)
     history = trainer.train()
     run = {"history": history, "steps": trainer.step, "seconds": trainer.train_seconds}
     if task != "grounding":
-        run["by_answer"] = answer_breakdown(trainer.adapter, trainer.eval_rows, template,
-                                            cfg.max_new_tokens)
+        if trainer.last_eval[0] != trainer.step:  # stopped early: evaluate the final weights
+            trainer.evaluate()
+        run["by_answer"] = answer_breakdown(trainer.eval_rows, trainer.last_eval[1])
     return run
 
 
-def answer_breakdown(adapter, rows, template: str, max_new_tokens: int) -> dict:
+def answer_breakdown(rows, items: list[dict]) -> dict:
     """Per true answer: held-out greedy accuracy and the share of all answers that name it.
 
-    A policy that has stopped naming a class at all (share 0) can never be rewarded for it
-    again: this table shows that failure directly.
+    `items` are `evaluate_rows` results for `rows`, in order. A policy that has stopped naming
+    a class at all (share 0) can never be rewarded for it again: this table shows that failure.
     """
-    from gpg_vlm.evaluate import evaluate_rows
     from gpg_vlm.rewards.answer import extract_answer
     from gpg_vlm.rewards.classification import normalize_text
 
-    adapter.model.eval()
-    items = evaluate_rows(adapter, rows, template, max_new_tokens=max_new_tokens)["items"]
     answered = [normalize_text(extract_answer(i["completions"][0]) or "") for i in items]
     table = {}
     for truth in sorted({normalize_text(str(r.solution)) for r in rows}):
@@ -247,25 +254,29 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override a demo setting, e.g. --set learning_rate=1e-3 size=m")
     args = parser.parse_args(argv)
-    settings = DemoSettings(seed=args.seed, **_overrides(args.set))
-    settings = dataclasses.replace(  # the by-task defaults, resolved, so the reports show them
-        settings, kl_beta=kl_beta(args.task, settings),
-        max_new_tokens=settings.max_new_tokens or DEFAULT_NEW_TOKENS[args.task])
+    settings = resolve(args.task, DemoSettings(seed=args.seed, **_overrides(args.set)))
     cache = Path(args.cache) if args.cache else default_cache()
     out = Path(args.out)
     t0 = time.perf_counter()
     model, train_file, test_file = prepare(args.task, settings, cache)
     template = "{problem} Answer as <answer>...</answer>."
     warm_dir = cache / f"warmup-{args.task}-{model.name}-{settings.warmup_steps}x{settings.warmup_batch}"
-    warm = warm_up(model, train_file, warm_dir, args.task, settings, template)
+    from gpg_vlm.config import ConfigError
+
     algorithms = ["gpg", "grpo"] if args.compare else [args.algorithm]
+    try:  # before the warm-up, so that a bad value costs nothing
+        configs = {a: train_config(a, warm_dir, train_file, test_file,
+                                   out / a if args.compare else out, args.minutes, settings,
+                                   template) for a in algorithms}
+    except ConfigError as exc:
+        print(f"gpg-vlm demo: bad setting: {exc}", file=sys.stderr)
+        return 2
+    warm_up(model, train_file, warm_dir, args.task, settings, template)
     results = {}
-    for algorithm in algorithms:
-        run_out = out / algorithm if args.compare else out
-        if (run_out / "metrics.jsonl").exists():
-            (run_out / "metrics.jsonl").unlink()
-        results[algorithm] = run_algorithm(algorithm, args.task, warm, train_file, test_file,
-                                           run_out, args.minutes, settings, template)
+    for algorithm, cfg in configs.items():
+        if (Path(cfg.output_dir) / "metrics.jsonl").exists():
+            (Path(cfg.output_dir) / "metrics.jsonl").unlink()
+        results[algorithm] = run_algorithm(cfg, args.task)
     from gpg_vlm.report import write_reports
 
     summary = write_reports(out, args.task, results, settings, time.perf_counter() - t0,

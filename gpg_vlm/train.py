@@ -102,6 +102,7 @@ class Trainer:
         if not self.rows:
             raise ConfigError(f"config key 'data': {cfg.data} holds no usable rows")
         self.eval_rows = None
+        self.last_eval = None  # (step, per-item results) of the latest evaluation
         if cfg.eval_data:
             self.eval_rows = load_rows(cfg.eval_data, on_bad_row=cfg.on_bad_row)
             if cfg.eval_limit:
@@ -291,13 +292,13 @@ class Trainer:
             train_rows = torch.arange(mask.shape[0])
             if self.reference is None and cfg.entropy_coef == 0:
                 train_rows = train_rows[advantages != 0]  # zero advantage: zero gradient
-            loss_total = self._backward(batch, rollout, advantages, ref, alpha, train_rows,
-                                        num_completions, num_tokens)
+            loss_total, entropy = self._backward(batch, rollout, advantages, ref, alpha,
+                                                 train_rows, num_completions, num_tokens)
             grad_norm = self._clip_and_check()  # after the all-reduce: equal on every rank
             loss_total = self._sum_over_processes(loss_total) / world
             metrics["grad_norm"] = grad_norm
-            if self.last_entropy is not None:  # mean next-token entropy of the trained completions
-                metrics["entropy"] = self._sum_over_processes(self.last_entropy) / world
+            if entropy is not None:  # mean next-token entropy of the trained completions
+                metrics["entropy"] = self._sum_over_processes(entropy) / world
             if math.isfinite(loss_total) and math.isfinite(grad_norm):
                 self.optimizer.step()
                 updated = True
@@ -322,7 +323,8 @@ class Trainer:
         return metrics
 
     def _backward(self, batch, rollout, advantages, ref, alpha, train_rows, num_completions,
-                  num_tokens) -> float:
+                  num_tokens) -> tuple[float, float | None]:
+        """Backward over the micro-batches: (summed loss, mean entropy or None when not computed)."""
         cfg = self.cfg
         scorer = self.adapter.scorer
         if len(train_rows) == 0:  # take part in the gradient all-reduce with a zero loss
@@ -371,8 +373,7 @@ class Trainer:
                     loss = loss * 0.0
                 self.acc.backward(loss)
             total += float(loss.detach())
-        self.last_entropy = entropy_sum if cfg.entropy_coef > 0 else None
-        return total
+        return total, (entropy_sum if cfg.entropy_coef > 0 else None)
 
     def _clip_and_check(self) -> float:
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
@@ -423,7 +424,7 @@ class Trainer:
         self.adapter.model.eval()
         result = evaluate_rows(self.adapter, self.eval_rows, self.cfg.prompt_template,
                                max_new_tokens=self.cfg.max_new_tokens)
-        result.pop("items")
+        self.last_eval = (self.step, result.pop("items"))  # per-item results, for reports
         return result
 
     # ---------------------------------------------------------- checkpoints

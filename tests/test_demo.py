@@ -46,13 +46,25 @@ def test_demo_compare_runs_both(tmp_path):
 
 
 def test_set_overrides_are_typed_and_bad_ones_name_the_key():
-    from gpg_vlm.demo import DemoSettings, _overrides, kl_beta
+    from gpg_vlm.demo import DemoSettings, _overrides, resolve
 
     values = _overrides(["learning_rate=1e-3", "group_size=32", "kl_beta=0", "size=m"])
     assert values == {"learning_rate": 1e-3, "group_size": 32, "kl_beta": 0.0, "size": "m"}
-    assert kl_beta("classification", DemoSettings(**values)) == 0.0  # the paper's GPG
-    assert kl_beta("classification", DemoSettings()) == 0.04 and kl_beta("grounding", DemoSettings()) == 0
+    assert resolve("classification", DemoSettings(**values)).kl_beta == 0.0  # the paper's GPG
+    assert resolve("classification", DemoSettings()).kl_beta == 0.04
+    assert resolve("grounding", DemoSettings()).kl_beta == 0.0
+    assert resolve("grounding", DemoSettings()).max_new_tokens == 32
     for bad, key in (("group_size=2.5", "group_size"), ("learning_rate=fast", "learning_rate"),
                      ("kl_beta=yes", "kl_beta"), ("nonsense=1", "KEY one of")):
         with pytest.raises(SystemExit, match=key):
             _overrides([bad])
+
+
+def test_a_bad_setting_is_one_line_before_the_warm_up(tmp_path, capsys):
+    from gpg_vlm.demo import main
+
+    cache = tmp_path / "cache"
+    assert main(["--minutes", "0.01", "--out", str(tmp_path / "o"), "--cache", str(cache),
+                 "--set", "size=xs", "train_prompts=8", "test_prompts=4", "kl_beta=-1"]) == 2
+    assert "config key 'kl_beta': must be >= 0" in capsys.readouterr().err
+    assert not list(cache.glob("warmup-*"))  # nothing trained for a run that cannot start
