@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-model": ("gpg_vlm.tiny", "build a small random Qwen-VL checkpoint offline"),
     "make-real-model": ("gpg_vlm.real_shapes", "build a random bf16 checkpoint of a real Qwen-VL shape"),
+    "estimate": ("gpg_vlm.estimate", "expected peak memory per device of a training config"),
     "prepare-data": ("gpg_vlm.data.prepare", "build the Fashion-MNIST task suite as JSONL + PNG"),
     "train": ("gpg_vlm.train", "GPG / GRPO / Dr.GRPO training from a YAML config"),
     "eval": ("gpg_vlm.evaluate", "evaluate a checkpoint on a benchmark"),
