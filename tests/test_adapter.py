@@ -205,8 +205,13 @@ def test_select_slices_patches_per_image():
     assert torch.equal(sub.pixel_values.squeeze(-1), expected)
     assert sub.image_grid_thw.tolist() == [[1, 4, 2], [1, 2, 4], [1, 2, 2], [1, 4, 2], [1, 2, 4]]
     assert sub.images_per_prompt == [2, 1, 2, 0]
-    # the naive per-prompt repeat keeps valid shapes and gets the pixels wrong
-    naive = patches.repeat_interleave(1, 0)[: sub.pixel_values.shape[0]]
+    # control: locating each image as if all images had the same patch count gives a tensor
+    # of the right shape with the wrong pixels, so this data tells the two apart
+    uniform = patches.shape[0] // grid.shape[0]  # 6 patches "per image"
+    counts = grid.prod(-1).tolist()
+    images = [1, 2, 0, 1, 2]  # those of prompts 2, 0, 2, 1
+    naive = torch.cat([patches[j * uniform: j * uniform + counts[j]] for j in images])
+    assert naive.shape == sub.pixel_values.shape
     assert not torch.equal(naive, sub.pixel_values)
 
 
