@@ -12,10 +12,11 @@ from PIL import Image
 
 from gpg_vlm.models.adapter import AdapterError, VLMAdapter
 from gpg_vlm.models.batch import PromptBatch, Rollout, Sample, micro_batches
+from gpg_vlm.models.family import FAMILIES
+from gpg_vlm.models.forward import _activation_checkpointing, policy_scores
 from gpg_vlm.rollout import make_engine
 from gpg_vlm.rollout.hf import _filter_top_k_top_p
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 TOL = 1e-4
 
 
@@ -48,7 +49,7 @@ def sub_rollout(rollout: Rollout, prompt: int) -> Rollout:
                    rollout.completion_mask[rows], rollout.logprobs[rows], [], rollout.truncated[rows])
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=tuple(FAMILIES))
 def adapter(request, adapters):
     return adapters(request.param)
 
@@ -284,7 +285,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, adapters):
         generate(adapter, adapter.encode([Sample("x")]), 0, max_new_tokens=4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", tuple(FAMILIES))
 def test_shared_prefix_equals_full_rows_in_value_and_gradient(adapters, family):
     """Prompts run once with a repeated cache == every row running its prompt in full."""
     adapter = adapters(family)
@@ -318,3 +319,52 @@ def test_shared_prefix_equals_full_rows_in_value_and_gradient(adapters, family):
     assert g_shared.keys() == g_full.keys() and len(g_shared) > 10
     for name in g_shared:
         assert torch.allclose(g_shared[name], g_full[name], rtol=1e-3, atol=1e-5), name
+
+
+def test_policy_scores_by_hand():
+    logits = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.bfloat16)
+    suppressed = torch.tensor([False, True, False])
+    scores = policy_scores(logits, 2.0, suppressed)
+    assert scores.dtype == torch.float32
+    assert scores.tolist() == [[0.5, float("-inf"), 1.5]]
+    assert policy_scores(logits, 0.0, suppressed).tolist() == [[1.0, float("-inf"), 3.0]]  # greedy
+
+
+def test_the_trainer_reaches_the_model_only_through_the_adapter(tiny_dirs):
+    """freeze_vision, enable_gradient_checkpointing and set_scorer, on a fresh (unshared) model."""
+    adapter = VLMAdapter.from_pretrained(tiny_dirs("qwen2_vl"), device="cpu")
+    vision = {id(p) for p in FAMILIES["qwen2_vl"].vision_module(adapter.model).parameters()}
+    adapter.freeze_vision()
+    frozen = {id(p) for p in adapter.model.parameters() if not p.requires_grad}
+    assert frozen == vision and len(vision) > 0
+    assert not _activation_checkpointing(adapter.model)
+    adapter.enable_gradient_checkpointing()
+    assert _activation_checkpointing(adapter.model) and adapter.model.config.use_cache
+
+    calls = []
+
+    class Counting(torch.nn.Module):  # stands in for a data-parallel wrapper of the scorer
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            calls.append(len(args))
+            return self.inner(*args)
+
+    adapter.set_scorer(Counting(adapter.scorer))
+    batch = adapter.encode([Sample("What is this item?", [noise_image(56, 56, 1)])])
+    rollout = generate(adapter, batch, 2, max_new_tokens=3, generator=torch.Generator().manual_seed(0))
+    adapter.completion_logprobs(batch, rollout)
+    assert calls  # the training forward went through the wrapper
+
+
+def test_make_engine_names_what_it_accepts(adapters):
+    adapter = adapters("qwen2_vl")
+    with pytest.raises(ValueError, match="unknown rollout engine 'vllm2'; valid: hf"):
+        make_engine("vllm2", adapter)
+    with pytest.raises(ValueError, match="takes no options, got gpu_memory"):
+        make_engine("hf", adapter, gpu_memory=0.5)
+    engine = make_engine("hf", adapter)
+    engine.sync_weights(adapter.model)  # shares the model: nothing to load
+    engine.close()
