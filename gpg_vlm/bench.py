@@ -63,9 +63,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpg_vlm.models.family import VISION_TOKENS
+
 VARIANTS = ("gpg", "grpo", "trl_beta0", "trl_beta004")
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                 "<|video_pad|>")
 README_START = "<!-- bench-results:start -->"
 README_END = "<!-- bench-results:end -->"
 
