@@ -357,6 +357,12 @@ def test_the_trainer_reaches_the_model_only_through_the_adapter(tiny_dirs):
     rollout = generate(adapter, batch, 2, max_new_tokens=3, generator=torch.Generator().manual_seed(0))
     adapter.completion_logprobs(batch, rollout)
     assert calls  # the training forward went through the wrapper
+    # a checkpoint whose vision config disagrees with its family's facts is refused
+    adapter.model.config.vision_config.patch_size = 16
+    with pytest.raises(AdapterError, match="patch_size 16, spatial_merge_size 2; a qwen2_vl "
+                                           "checkpoint has 14, 2"):
+        VLMAdapter(adapter.model, adapter.tokenizer, adapter.image_processor,
+                   adapter.chat_template, "qwen2_vl")
 
 
 def test_make_engine_names_what_it_accepts(adapters):

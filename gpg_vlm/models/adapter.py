@@ -49,8 +49,6 @@ class AdapterError(ValueError):
     """A checkpoint or a sample the adapter cannot use; the message names which and why."""
 
 
-
-
 def read_chat_template(path: Path, tokenizer) -> str:
     """The checkpoint's chat template, wherever this checkpoint keeps it."""
     jinja = path / "chat_template.jinja"
@@ -104,9 +102,10 @@ class VLMAdapter:
         self.box_format = facts.box_format
         vision = model.config.vision_config
         if (vision.patch_size, vision.spatial_merge_size) != (facts.patch_size, facts.merge_size):
-            raise AdapterError(f"{family} checkpoint: vision_config patch_size {vision.patch_size}, "
-                               f"spatial_merge_size {vision.spatial_merge_size}; the family has "
-                               f"{facts.patch_size}, {facts.merge_size}")
+            # the resize factor and the token count per image follow from these two
+            raise AdapterError(f"config.json vision_config: patch_size {vision.patch_size}, "
+                               f"spatial_merge_size {vision.spatial_merge_size}; a {family} "
+                               f"checkpoint has {facts.patch_size}, {facts.merge_size}")
         self.merge_size = facts.merge_size
         self.factor = facts.factor
         self.min_pixels = min_pixels or facts.min_pixels
@@ -161,8 +160,9 @@ class VLMAdapter:
                                "safetensors only, never from pickled .bin files")
         remote = dict(trust_remote_code=trust_remote_code)
         _loading(path / "config.json", AutoConfig.from_pretrained, path, **remote)
-        model = _loading(path / "model.safetensors", getattr(transformers, FAMILIES[family].model_class).from_pretrained,
-                         path, dtype=DTYPES[dtype], use_safetensors=True,
+        model_class = getattr(transformers, FAMILIES[family].model_class)
+        model = _loading(path / "model.safetensors", model_class.from_pretrained, path,
+                         dtype=DTYPES[dtype], use_safetensors=True,
                          attn_implementation=attn_implementation or _default_attention(), **remote)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
