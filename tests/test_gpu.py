@@ -26,7 +26,7 @@ def _image(width, height, seed):
 
 
 def _samples():
-    from gpg_vlm.adapter import Sample
+    from gpg_vlm.models.batch import Sample
 
     return [Sample("What is this item?", [_image(56, 56, 1)]),
             Sample("Compare the two.", [_image(84, 56, 2), _image(56, 112, 3)]),
@@ -42,7 +42,7 @@ def checkpoints(tmp_path_factory):
 
 
 def _load(path, dtype, attn="sdpa"):
-    from gpg_vlm.adapter import VLMAdapter
+    from gpg_vlm.models.adapter import VLMAdapter
 
     return VLMAdapter.from_pretrained(path, dtype=dtype, attn_implementation=attn, device="cuda")
 
@@ -55,10 +55,17 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def _generate(adapter, batch, group_size, max_new_tokens, seed):
+    from gpg_vlm.rollout import make_engine
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return make_engine("hf", adapter).generate(batch, group_size, max_new_tokens=max_new_tokens,
+                                               generator=gen)
+
+
 def _parity(adapter, seed=0):
     batch = adapter.encode(_samples())
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    rollout = adapter.generate(batch, group_size=4, max_new_tokens=12, generator=gen)
+    rollout = _generate(adapter, batch, 4, 12, seed)
     trained = adapter.completion_logprobs(batch, rollout)  # (B, T)
     mask = rollout.completion_mask.bool()
     assert mask.sum() > 0 and torch.isfinite(trained[mask]).all()
@@ -88,8 +95,7 @@ def test_bf16_backward_is_finite_and_reaches_every_trainable_weight(checkpoints,
     adapter = _load(checkpoints[family], "bfloat16")
     adapter.model.train()
     batch = adapter.encode(_samples())
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    rollout = adapter.generate(batch, group_size=2, max_new_tokens=8, generator=gen)
+    rollout = _generate(adapter, batch, 2, 8, seed=1)
     lp = adapter.completion_logprobs(batch, rollout)  # (B, T), with grad
     (-(lp * rollout.completion_mask.to(lp.device)).sum()).backward()
     grads = {n: p.grad for n, p in adapter.model.named_parameters() if p.requires_grad}

@@ -75,7 +75,7 @@ def test_reduced_depth_build_loads_like_any_checkpoint(tmp_path):
     """Two text layers of Qwen2-VL-2B: real widths, vision tower and vocabulary (~0.9B, 1.8 GB)."""
     import torch
 
-    from gpg_vlm.adapter import VLMAdapter
+    from gpg_vlm.models.adapter import VLMAdapter
 
     facts = real_shapes.make_real_model("qwen2_vl-2b", tmp_path / "m", num_hidden_layers=2)
     assert json.loads((tmp_path / "m" / "real_shape.json").read_text())["vocab_size"] == 151936
