@@ -15,8 +15,8 @@ Trainer step on a tiny checkpoint, so the script and the JSON it writes are test
 
 MFU counts matrix FLOPs only (attention scores and the optimizer are left out): 2 x (language
 model matrices incl. the output layer) per rolled-out or prefilled token, 2 x vision parameters per
-patch for each image encoding, and 6 x (2 x with gradient checkpointing, 8 x) per trained
-token; divided by the step time and the dense bf16 peak of an H200 SXM (989 TFLOP/s, datasheet)
+patch for each image encoding, and 6 x (8 x with gradient checkpointing) per trained token
+(each prompt once, or once per completion with checkpointing); divided by the step time and the dense bf16 peak of an H200 SXM (989 TFLOP/s, datasheet)
 and the 790 TFLOP/s measured for an 8192^3 bf16 product on this kind of machine.
 """
 
@@ -120,9 +120,13 @@ def model_flops(r: dict, vision_trained: bool) -> float:
     lm = r["parameters"] - r["vision_parameters"]
     vis = r["vision_parameters"]
     prefill, completion = r["prompt_tokens"], r["completion_tokens"]
-    per_train_token = 8 if r["settings"]["gradient_checkpointing"] else 6
+    checkpointing = r["settings"]["gradient_checkpointing"]
+    per_train_token = 8 if checkpointing else 6
     rollout = 2 * lm * (prefill + completion) + 2 * vis * r["image_patches"]
-    train = per_train_token * lm * (prefill + completion)
+    # the training forward runs each prompt once (shared prefix), or once per completion when
+    # checkpointing (it cannot keep a KV cache to share)
+    trained = (r["settings"]["group_size"] if checkpointing else 1) * prefill + completion
+    train = per_train_token * lm * trained
     train += (per_train_token if vision_trained else 2) * vis * r["image_patches"]
     return float(rollout + train)
 

@@ -137,10 +137,10 @@ def estimate(s: Shape, w: Workload, gpus: int = 1, sharding: str = "ddp",
     terms = dict(weights=weights, weights_gathered_for_rollout=weights_full, gradients=grads,
                  optimizer=optimizer, activations=activations, logprob_chunk=logprob,
                  rollout_kv_cache=kv, runtime=runtime)
-    return {**{k: round(v / GB, 3) for k, v in terms.items()},
+    return {**{k: v / GB for k, v in terms.items()},
             "micro_batch_completions": per_mb, "trainable_parameters": trainable,
-            "rollout_peak": round(rollout_peak / GB, 3), "train_peak": round(train_peak / GB, 3),
-            "peak": round(max(rollout_peak, train_peak) / GB, 3)}
+            "rollout_peak": rollout_peak / GB, "train_peak": train_peak / GB,
+            "peak": max(rollout_peak, train_peak) / GB}
 
 
 def workload_of(cfg, gpus: int, images: int = 1) -> Workload:
@@ -177,8 +177,9 @@ def main(argv: list[str]) -> int:
     w = workload_of(cfg, args.gpus)
     result = estimate(shape, w, args.gpus, args.sharding, runtime_gb=1.0)
     if args.json:
+        rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
         print(json.dumps({"config": args.config, "gpus": args.gpus, "sharding": args.sharding,
-                          "workload": w.__dict__, **result}, indent=1))
+                          "workload": w.__dict__, **rounded}, indent=1))
         return 0
     print(f"{args.config}: {shape.parameters / 1e9:.2f}B parameters, {args.gpus} device(s), "
           f"{args.sharding}; per device, GB:")

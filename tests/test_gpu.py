@@ -114,3 +114,19 @@ def test_flash_attention_matches_sdpa(checkpoints, family):
     theirs = flash.completion_logprobs(batch, rollout)
     mask = rollout.completion_mask.bool()
     assert (theirs - rollout.logprobs)[mask].abs().max().item() < 0.1
+
+
+def test_a_cpu_generator_samples_cuda_probabilities_like_on_the_cpu(checkpoints):
+    """The trainer seeds a CPU generator; sampling on CUDA must accept it and draw the same."""
+    from gpg_vlm.rollout.hf import _sample
+
+    probs = torch.softmax(torch.randn(6, 50, generator=torch.Generator().manual_seed(0)), -1)
+    on_cpu = _sample(probs, torch.Generator().manual_seed(3))
+    on_cuda = _sample(probs.cuda(), torch.Generator().manual_seed(3))
+    assert on_cuda.device.type == "cuda" and torch.equal(on_cuda.cpu(), on_cpu)
+    adapter = _load(checkpoints["qwen2_vl"], "bfloat16")
+    from gpg_vlm.rollout import make_engine
+
+    rollout = make_engine("hf", adapter).generate(adapter.encode(_samples()), 2, max_new_tokens=4,
+                                                  generator=torch.Generator().manual_seed(0))
+    assert rollout.completion_mask.sum() > 0

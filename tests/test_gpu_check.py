@@ -51,12 +51,13 @@ def test_without_cuda_and_without_dry_run_it_stops_with_a_reason(tmp_path):
 
 
 def test_model_flops_by_hand():
-    # 10 parameters of which 4 vision; 3 prompt + 2 completion tokens; 7 patches.
-    # rollout: 2*6*(3+2) + 2*4*7 = 60 + 56; train, no checkpointing, vision trained:
-    # 6*6*5 + 6*4*7 = 180 + 168. Total 464. With checkpointing: 8 instead of 6 -> 60+56+240+224.
+    # 10 parameters of which 4 vision; 3 prompt + 2 completion tokens (G = 2); 7 patches.
+    # rollout: 2*6*(3+2) + 2*4*7 = 60 + 56; train, shared prefix, vision trained:
+    # 6*6*(3+2) + 6*4*7 = 180 + 168. Total 464. With checkpointing every completion runs its
+    # prompt (2*3 + 2 = 8 tokens) at 8 per token: 8*6*8 + 8*4*7 = 384 + 224 -> 724.
     r = {"parameters": 10, "vision_parameters": 4, "prompt_tokens": 3, "completion_tokens": 2,
-         "image_patches": 7, "settings": {"gradient_checkpointing": False}}
+         "image_patches": 7, "settings": {"gradient_checkpointing": False, "group_size": 2}}
     assert gpu_check.model_flops(r, vision_trained=True) == 464
     r["settings"]["gradient_checkpointing"] = True
-    assert gpu_check.model_flops(r, vision_trained=True) == 580
-    assert gpu_check.model_flops(r, vision_trained=False) == 60 + 56 + 240 + 2 * 4 * 7
+    assert gpu_check.model_flops(r, vision_trained=True) == 724
+    assert gpu_check.model_flops(r, vision_trained=False) == 60 + 56 + 384 + 2 * 4 * 7
