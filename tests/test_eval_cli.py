@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from gpg_vlm.evaluate import cvbench_scores, main, reward_columns, summarize
+from gpg_vlm.evaluate import cvbench_scores, main, summarize
+from gpg_vlm.tasks import reward_columns
 
 
 @pytest.fixture(scope="module")
