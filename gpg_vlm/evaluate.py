@@ -4,8 +4,8 @@ Rows become prompts and are scored by `gpg_vlm.tasks.evaluate_rows`, the glue tr
 too (prompts, reward columns, categories), so a training reward and an evaluation metric
 cannot drift apart; this module adds the benchmark loading, summaries and the command line.
 
-`main` is `gpg-vlm eval`: load a checkpoint and a benchmark, generate greedily (or K samples
-for pass@K), score with `accuracy_reward`, and write OUT/results.json (summary + one record
+`main` is `gpg-vlm eval`: load a checkpoint and a benchmark, generate greedily (or K
+completions per row for pass@K), score with `accuracy_reward`, and write OUT/results.json (summary + one record
 per row) and OUT/results.md (a table). Summary conventions:
 - `accuracy` is the mean reward over all rows (micro average). For grounding rows the reward
   is the IoU, so there it is the mean IoU.
@@ -100,12 +100,12 @@ def cvbench_scores(sources: dict) -> dict | None:
     return {"2D": two_d, "3D": three_d, "overall": (two_d + three_d) / 2}
 
 
-def summarize(benchmark: str, rows, result: dict, samples: int) -> dict:
+def summarize(benchmark: str, rows, result: dict, completions: int) -> dict:
     """The summary of `evaluate_rows`' result: overall, per category, benchmark extras."""
     items = result["items"]
     summary = {"benchmark": benchmark, "n": result["n"], "accuracy": result["accuracy"]}
-    if samples > 1:
-        summary[f"pass@{samples}"] = result[f"pass@{samples}"]
+    if completions > 1:
+        summary[f"pass@{completions}"] = result[f"pass@{completions}"]
     summary["categories"] = _mean_by(items, [it["category"] for it in items])
     groups = {}
     for name in GROUP_FIELDS.get(benchmark, ()):
@@ -158,7 +158,9 @@ def _parser():
     p.add_argument("--data", required=True, help="the benchmark's record file (a folder for lisa)")
     p.add_argument("--image-root", default=None, help="folder the images are under (default: the data's folder)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
-    p.add_argument("--samples", type=int, default=1, help="K completions per row; K > 1 also reports pass@K")
+    p.add_argument("--completions", type=int, default=1,
+                   help="K completions per row; K > 1 also reports pass@K")
+    p.add_argument("--samples", dest="old_samples", default=None, help=argparse.SUPPRESS)
     p.add_argument("--temperature", type=float, default=None,
                    help="0 is greedy; default 0 with one sample, 1.0 with K > 1")
     p.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit")
@@ -173,7 +175,9 @@ def _parser():
 
 def _check_args(args) -> float:
     """Validate numbers and return the temperature to use."""
-    for name in ("limit", "max_new_tokens", "batch_size", "samples"):
+    if args.old_samples is not None:  # a "sample" is a prompt everywhere else in gpg_vlm
+        raise EvalError("--samples was renamed to --completions (K completions per row)")
+    for name in ("limit", "max_new_tokens", "batch_size", "completions"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -181,9 +185,9 @@ def _check_args(args) -> float:
         raise EvalError("--prompt-template must contain {problem}")
     temperature = args.temperature
     if temperature is None:
-        temperature = 1.0 if args.samples > 1 else 0.0
-    if args.samples > 1 and temperature <= 0:
-        raise EvalError(f"--samples {args.samples} needs --temperature > 0 (greedy completions "
+        temperature = 1.0 if args.completions > 1 else 0.0
+    if args.completions > 1 and temperature <= 0:
+        raise EvalError(f"--completions {args.completions} needs --temperature > 0 (greedy completions "
                         "would all be the same)")
     if not Path(args.model).is_dir():
         raise EvalError(f"model directory {args.model} does not exist")
@@ -215,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         result = evaluate_rows(adapter, rows, args.prompt_template, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, temperature=temperature,
-                               samples=args.samples, generator=generator, progress=True)
+                               completions=args.completions, generator=generator, progress=True)
     except EvalError as exc:
         print(f"gpg-vlm eval: {exc}", file=sys.stderr)
         return 2
-    summary = summarize(args.benchmark, rows, result, args.samples)
-    summary.update(model=str(args.model), data=str(args.data), samples=args.samples,
+    summary = summarize(args.benchmark, rows, result, args.completions)
+    summary.update(model=str(args.model), data=str(args.data), completions=args.completions,
                    temperature=temperature, max_new_tokens=args.max_new_tokens,
                    prompt_template=args.prompt_template)
     out = Path(args.out or Path("runs") / "eval" / args.benchmark)

@@ -20,6 +20,17 @@ from gpg_vlm.config import ConfigError, TrainConfig
 log = logging.getLogger("gpg_vlm.train")
 
 
+def quiet_unless_main(is_main: bool) -> None:
+    """Console output belongs to the main process: elsewhere only errors, and no library bars."""
+    if is_main:
+        return
+    logging.getLogger("gpg_vlm").setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" would be drawn once per process
+    transformers_logging.set_verbosity_error()
+
+
 class RunLog:
     """One record per training step or evaluation, to every configured sink of the main process."""
 

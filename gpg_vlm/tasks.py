@@ -57,11 +57,11 @@ def samples_of(rows, prompt_template: str) -> list[Sample]:
 
 
 def evaluate_rows(adapter, rows, prompt_template: str, max_new_tokens: int = 64,
-                  batch_size: int = 32, temperature: float = 0.0, samples: int = 1,
+                  batch_size: int = 32, temperature: float = 0.0, completions: int = 1,
                   generator=None, progress: bool = False) -> dict:
     """Accuracy (mean accuracy reward) overall and per category; greedy unless temperature > 0.
 
-    With `samples` = K > 1 (and temperature > 0) each row is sampled K times and also scored
+    With `completions` = K > 1 (and temperature > 0) each row is sampled K times and also scored
     pass@K (any of the K completions correct).
     """
     totals, counts, passes = defaultdict(float), defaultdict(int), defaultdict(float)
@@ -70,7 +70,7 @@ def evaluate_rows(adapter, rows, prompt_template: str, max_new_tokens: int = 64,
         for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="eval"):
             chunk = rows[start:start + batch_size]
             batch = adapter.encode(samples_of(chunk, prompt_template))
-            rollout = adapter.generate(batch, samples, max_new_tokens=max_new_tokens,
+            rollout = adapter.generate(batch, completions, max_new_tokens=max_new_tokens,
                                        temperature=temperature, generator=generator)
             index = rollout.prompt_index.tolist()
             scores = accuracy_reward(rollout.texts, **reward_columns(chunk, batch, index,
@@ -88,7 +88,7 @@ def evaluate_rows(adapter, rows, prompt_template: str, max_new_tokens: int = 64,
     result = {"accuracy": totals["all"] / max(1, counts["all"]), "n": counts["all"]}
     for key in sorted(k for k in counts if k != "all"):
         result[f"accuracy/{key}"] = totals[key] / counts[key]
-    if samples > 1:
-        result[f"pass@{samples}"] = passes["all"] / max(1, counts["all"])
+    if completions > 1:
+        result[f"pass@{completions}"] = passes["all"] / max(1, counts["all"])
     result["items"] = items
     return result

@@ -46,7 +46,7 @@ from gpg_vlm.config import ConfigError, TrainConfig
 from gpg_vlm.data import DataError, load_rows
 from gpg_vlm.dist import Processes
 from gpg_vlm.lora import LoraSaver, add_lora, load_lora
-from gpg_vlm.run_log import RunLog, peak_memory_mb
+from gpg_vlm.run_log import RunLog, peak_memory_mb, quiet_unless_main
 from gpg_vlm.tasks import evaluate_rows
 
 log = logging.getLogger("gpg_vlm.train")
@@ -96,6 +96,7 @@ class Trainer:
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.procs = Processes(self.acc)
+        quiet_unless_main(self.procs.is_main)
         if cfg.prompts_per_step % self.procs.world:
             raise ConfigError(f"config key 'prompts_per_step': {cfg.prompts_per_step} is not divisible "
                               f"by the {self.procs.world} processes; use a multiple of {self.procs.world}")
@@ -425,8 +426,6 @@ def main(argv: list[str]) -> int:
     try:
         cfg = TrainConfig.from_yaml(args.config, args.overrides)
         trainer = Trainer(cfg, resume=checkpoint_to_resume(args.resume, cfg.output_dir))
-        if not trainer.procs.is_main:  # console output belongs to the main process
-            logging.getLogger("gpg_vlm").setLevel(logging.ERROR)
         trainer.resume_command = _resume_command(argv)
         history = trainer.train()
     # bad input: exit 2; a run that had to stop (non-finite steps, a failing reward or save,
