@@ -17,9 +17,12 @@ one checked constructor; the demo uses them for its own few settings too.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import yaml
 
 ALGORITHMS = ("gpg", "grpo", "dr_grpo")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -229,8 +232,6 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | None, overrides: list[str] = ()) -> "TrainConfig":
-        import yaml
-
         values: dict = {}
         where = "command line"
         if path:
@@ -261,8 +262,6 @@ class TrainConfig:
 
 def parse_overrides(items) -> dict:
     """`key=value` strings -> {key: value}, each value read as YAML (`1e-5`, `{accuracy: 1.0}`)."""
-    import yaml
-
     values = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -313,7 +312,7 @@ def _coerce(value, hint):
 
 def _check_type(name: str, value, hint) -> None:
     """Raise ConfigError unless `value` fits the type `hint` (ints pass as floats)."""
-    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")) else (hint,)
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for t in allowed:
         if t is type(None) and value is None:
             return

@@ -10,6 +10,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 
 class Processes:
@@ -37,8 +39,6 @@ class Processes:
         """Every process's JSON-able `obj`, in process order."""
         if self.world == 1:
             return [obj]
-        import torch.distributed as dist
-
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
@@ -65,8 +65,6 @@ class Processes:
 
         kind = self.acc.distributed_type
         if kind == DistributedType.FSDP:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
             return FullyShardedDataParallel.summon_full_params(wrapped, writeback=False)
         if kind == DistributedType.DEEPSPEED and self.acc.state.deepspeed_plugin.zero_stage == 3:
             import deepspeed

@@ -25,9 +25,17 @@ score with the training reward only) and multi-GPU sharding of the evaluation.
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
+from gpg_vlm.adapter import AdapterError, VLMAdapter
+from gpg_vlm.data import DataError, load_benchmark, load_rows
+from gpg_vlm.data.loading import check_images
 from gpg_vlm.tasks import evaluate_rows
 
 
@@ -53,9 +61,6 @@ def load_eval_rows(benchmark: str, data: str, image_root: str | None = None,
     Images are decoded only for the rows kept, so `--limit 20` on a large benchmark is quick,
     and a missing image fails here, naming its row, rather than in the middle of a batch.
     """
-    from gpg_vlm.data import DataError, load_benchmark, load_rows
-    from gpg_vlm.data.loading import check_images
-
     if benchmark not in BENCHMARK_NAMES:
         raise EvalError(f"unknown benchmark {benchmark!r}; valid names: {', '.join(BENCHMARK_NAMES)}")
     if not Path(data).exists():
@@ -149,8 +154,6 @@ def markdown(summary: dict, model: str) -> str:
 
 
 def _parser():
-    import argparse
-
     p = argparse.ArgumentParser(prog="gpg-vlm eval", description="Evaluate a checkpoint on a benchmark "
                                 "with the training rewards; writes OUT/results.json and OUT/results.md.")
     p.add_argument("--model", required=True, help="checkpoint directory")
@@ -197,17 +200,10 @@ def _check_args(args) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-    import sys
-
     args = _parser().parse_args(argv)
     try:
         temperature = _check_args(args)
         rows = load_eval_rows(args.benchmark, args.data, args.image_root, args.limit)
-        import torch
-
-        from gpg_vlm.adapter import AdapterError, VLMAdapter
-
         dtype = args.dtype
         if dtype == "auto":
             dtype = "bfloat16" if torch.cuda.is_available() else "float32"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
 from gpg_vlm.config import ConfigError, TrainConfig
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -32,7 +34,6 @@ class LoraSaver:
 
     def save_pretrained(self, path, safe_serialization=True):
         from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
 
         weights = {k: v.detach().cpu().contiguous()
                    for k, v in get_peft_model_state_dict(self.model).items()}
@@ -42,7 +43,6 @@ class LoraSaver:
 def load_lora(model, path: Path) -> None:
     """Load the LoRA weights of checkpoint `path` into `model` (its layers already injected)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from gpg_vlm.config import ConfigError, TrainConfig
 
@@ -49,8 +50,6 @@ class RunLog:
         (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1) + "\n")
         self.writer = _tensorboard(self.out) if self.cfg.tensorboard else None
         self.wandb = _wandb(self.cfg) if self.cfg.wandb_project else None
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total_steps, initial=done_steps, desc="train", dynamic_ncols=True)
 
     def log(self, record: dict) -> None:
