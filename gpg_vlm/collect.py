@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from gpg_vlm import algo
-from gpg_vlm.adapter import PromptBatch, Rollout
+from gpg_vlm.models.batch import PromptBatch, Rollout
 from gpg_vlm.config import ConfigError, TrainConfig
 from gpg_vlm.dist import Processes
 from gpg_vlm.rewards import accuracy_reward, resolve_reward

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from gpg_vlm.adapter import VLMAdapter
+from gpg_vlm.models.adapter import VLMAdapter
 from gpg_vlm.checkpoint import copy_processor_files
 from gpg_vlm.config import RENAMED as CONFIG_RENAMED
 from gpg_vlm.config import ConfigError, TrainConfig, build, check_types, parse_overrides

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from gpg_vlm.adapter import AdapterError, VLMAdapter
+from gpg_vlm.models.adapter import AdapterError, VLMAdapter
 from gpg_vlm.data import DataError, load_benchmark, load_rows
 from gpg_vlm.data.loading import check_images
 from gpg_vlm.tasks import evaluate_rows

@@ -16,8 +16,9 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from gpg_vlm.adapter import Sample
+from gpg_vlm.models.batch import Sample
 from gpg_vlm.rewards import accuracy_reward
+from gpg_vlm.rollout import make_engine
 
 
 def row_category(row) -> str:
@@ -66,12 +67,13 @@ def evaluate_rows(adapter, rows, prompt_template: str, max_new_tokens: int = 64,
     """
     totals, counts, passes = defaultdict(float), defaultdict(int), defaultdict(float)
     items = []
+    engine = make_engine("hf", adapter)
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="eval"):
             chunk = rows[start:start + batch_size]
             batch = adapter.encode(samples_of(chunk, prompt_template))
-            rollout = adapter.generate(batch, completions, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, generator=generator)
+            rollout = engine.generate(batch, completions, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, generator=generator)
             index = rollout.prompt_index.tolist()
             scores = accuracy_reward(rollout.texts, **reward_columns(chunk, batch, index,
                                                                      adapter.box_format))

@@ -36,8 +36,6 @@ from pathlib import Path
 import torch
 
 from gpg_vlm import algo
-from gpg_vlm._bridge import make_engine
-from gpg_vlm.adapter import AdapterError, VLMAdapter
 from gpg_vlm.checkpoint import (CheckpointError, checkpoint_to_resume, load_checkpoint_state,
                                 restore_rng, rng_state, save_checkpoint)
 from gpg_vlm.collect import (Collected, PromptStream, Sampler, TrainingError, resolve_rewards,
@@ -46,6 +44,9 @@ from gpg_vlm.config import ConfigError, TrainConfig
 from gpg_vlm.data import DataError, load_rows
 from gpg_vlm.dist import Processes
 from gpg_vlm.lora import LoraSaver, add_lora, load_lora
+from gpg_vlm.models.adapter import AdapterError, VLMAdapter
+from gpg_vlm.models.batch import micro_batches
+from gpg_vlm.rollout import make_engine
 from gpg_vlm.run_log import RunLog, peak_memory_mb, quiet_unless_main
 from gpg_vlm.tasks import evaluate_rows
 
@@ -106,7 +107,7 @@ class Trainer:
         rewards = resolve_rewards(cfg)  # a bad reward name fails before anything is loaded
         self._load_rows()
         self._load_models(resume)
-        self.sampler = Sampler(cfg, self.adapter, self.engine, self.procs, self.rows, rewards)
+        self.sampler = Sampler(cfg, self.adapter, self.rollout, self.procs, self.rows, rewards)
         self.objective = Objective(cfg)
         self.max_steps = cfg.max_steps
         if cfg.epochs is not None:
@@ -150,7 +151,7 @@ class Trainer:
         # FSDP / DeepSpeed configs in configs/accelerate wrap the same pair)
         self.scorer, self.optimizer = self.acc.prepare(self.adapter.scorer, self.optimizer)
         self.adapter.set_scorer(self.scorer)
-        self.engine = make_engine("hf", self.adapter)
+        self.rollout = make_engine("hf", self.adapter)
 
     def _setup_trainable(self) -> list:
         cfg, model = self.cfg, self.adapter.model
@@ -234,7 +235,7 @@ class Trainer:
             out["entropy"] = procs.sum(entropy) / procs.world
         if math.isfinite(out["loss"]) and math.isfinite(grad_norm):
             self.optimizer.step()
-            self.engine.sync_weights(self.adapter.model)
+            self.rollout.sync_weights(self.adapter.model)
             out["updated"], self.nonfinite = True, 0
         else:
             self.nonfinite += 1
@@ -251,15 +252,14 @@ class Trainer:
         if zero:  # take part in the gradient all-reduce with a zero loss
             train_rows = torch.arange(1)
         kept = rollout.select(train_rows, rollout.prompt_index[train_rows])
-        micro_batches = self.adapter.micro_batches(batch, kept.prompt_index, kept.completion_mask,
-                                                   cfg.micro_batch_tokens)
+        parts = micro_batches(batch, kept.prompt_index, kept.completion_mask, cfg.micro_batch_tokens)
         total, entropy_total = 0.0, 0.0
-        for k, idx in enumerate(micro_batches):
+        for k, idx in enumerate(parts):
             rows = train_rows[idx]
             mask = rollout.completion_mask[rows]  # (b, T)
             t = max(1, int(mask.sum(-1).max()))
             # gradients are all-reduced once, on the last micro-batch
-            with self.acc.no_sync(self.scorer) if k < len(micro_batches) - 1 else nullcontext():
+            with self.acc.no_sync(self.scorer) if k < len(parts) - 1 else nullcontext():
                 out = self.adapter.logprobs(batch, rollout.prompt_index[rows],
                                             rollout.completion_ids[rows, :t], mask[:, :t],
                                             cfg.temperature, with_entropy=cfg.entropy_coef > 0)
