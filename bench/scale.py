@@ -130,6 +130,7 @@ def step_once(run: ScaleRun, model_dir: Path, scratch: Path, steps: int = 1) -> 
     import torch
 
     from gpg_vlm.config import TrainConfig
+    from gpg_vlm.tasks import samples_of
     from gpg_vlm.train import Trainer
 
     if run.threads:
@@ -149,7 +150,7 @@ def step_once(run: ScaleRun, model_dir: Path, scratch: Path, steps: int = 1) -> 
     setup_rss = _rss_mb()
     model = trainer.adapter.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    batch = trainer.adapter.encode(trainer.samples(trainer.rows[: run.prompts]))
+    batch = trainer.adapter.encode(samples_of(trainer.rows[: run.prompts], cfg.prompt_template))
     prompt_tokens = int(batch.prompt_lengths().sum())
     patches = int(batch.image_grid_thw.prod(-1).sum()) if batch.image_grid_thw is not None else 0
     seconds = []
