@@ -71,13 +71,14 @@ def test_unknown_shape_and_bad_depth_are_one_line_errors(tmp_path):
 
 @pytest.mark.scale
 @needs_vocab
-def test_reduced_depth_build_loads_like_any_checkpoint(tmp_path):
-    """Two text layers of Qwen2-VL-2B: real widths, vision tower and vocabulary (~0.9B, 1.8 GB)."""
+@pytest.mark.parametrize("name", ["qwen2_vl-2b", "qwen3_vl-2b"])
+def test_reduced_depth_build_loads_like_any_checkpoint(tmp_path, name):
+    """Two text layers: real widths, vision tower and vocabulary (~1B parameters, 2 GB)."""
     import torch
 
     from gpg_vlm.models.adapter import VLMAdapter
 
-    facts = real_shapes.make_real_model("qwen2_vl-2b", tmp_path / "m", num_hidden_layers=2)
+    facts = real_shapes.make_real_model(name, tmp_path / "m", num_hidden_layers=2)
     assert json.loads((tmp_path / "m" / "real_shape.json").read_text())["vocab_size"] == 151936
     adapter = VLMAdapter.from_pretrained(tmp_path / "m", dtype="bfloat16", device="cpu")
     model = adapter.model
