@@ -157,18 +157,28 @@ def gpg_step(model_dir: Path, prompts: int, steps: int, dry: bool) -> dict:
     return r
 
 
-def _stage(report: dict, name: str, fn, *args) -> None:
+def _stage(report: dict, out: Path, name: str, fn, *args) -> None:
+    """Run one stage, record it, and rewrite the JSON: a later hang or kill loses nothing."""
     t0 = time.perf_counter()
+    report[name] = {"status": "running"}
+    _write(report, out)
     try:
         report[name] = {"status": "ok", **fn(*args), "seconds": round(time.perf_counter() - t0, 1)}
-    except BaseException as exc:  # record and go on: one broken stage must not hide the others
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+    except Exception as exc:  # record and go on: one broken stage must not hide the others
         report[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                         "traceback": traceback.format_exc()[-3000:],
                         "seconds": round(time.perf_counter() - t0, 1)}
+    except KeyboardInterrupt:  # the shell's time limit: keep what ran, say where it stopped
+        report[name] = {"status": "interrupted", "seconds": round(time.perf_counter() - t0, 1)}
+        _write(report, out)
+        raise
+    _write(report, out)
     print(f"gpu_check: {name}: {report[name]['status']} "
           f"({report[name].get('seconds', '')} s)", file=sys.stderr, flush=True)
+
+
+def _write(report: dict, out: Path) -> None:
+    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
 
 
 def main(argv: list[str]) -> int:
@@ -185,21 +195,21 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     report: dict = {"dry_run": args.dry_run, "command": "bench/gpu_check.sh " + " ".join(argv),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0))}
-    _stage(report, "env", env_facts)
+    _stage(report, out, "env", env_facts)
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
         report["error"] = "no CUDA device: run with --dry-run on a CPU machine"
     else:
         if not args.skip_tests:
-            _stage(report, "tests", run_tests, out.parent, args.test_timeout, args.dry_run)
+            _stage(report, out, "tests", run_tests, out.parent, args.test_timeout, args.dry_run)
         with tempfile.TemporaryDirectory(prefix="gpg-gpu-model-") as tmp:
             model_dir = Path(tmp) / "qwen2_5_vl-3b"
-            _stage(report, "build", build, model_dir, args.dry_run)
+            _stage(report, out, "build", build, model_dir, args.dry_run)
             if report["build"]["status"] == "ok":
-                _stage(report, "step", gpg_step, model_dir, args.prompts, args.steps, args.dry_run)
+                _stage(report, out, "step", gpg_step, model_dir, args.prompts, args.steps, args.dry_run)
     report["seconds"] = round(time.time() - t0, 1)
-    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    _write(report, out)
     failed = [k for k, v in report.items() if isinstance(v, dict) and v.get("status") == "failed"]
     if report.get("tests", {}).get("returncode", 0) not in (0, 5):
         failed.append("tests")

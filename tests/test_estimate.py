@@ -53,3 +53,28 @@ def test_recipes_print_a_table():
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["workload"]["prompts"] == 2 and r["weights"] == pytest.approx(3.7546 * 2 / 8, rel=1e-3)
+
+
+def _measured():
+    path = ROOT / "bench" / "scale.json"
+    return json.loads(path.read_text())["models"] if path.is_file() else []
+
+
+@pytest.mark.parametrize("record", _measured(), ids=lambda r: r["shape"])
+def test_estimate_is_within_25_percent_of_the_measured_cpu_peak(record):
+    """bench/scale.json: one GPG step per recipe model at real shape, peak RSS of its process."""
+    from gpg_vlm.estimate import shape_of
+    from gpg_vlm.models.forward import LOGPROB_CHUNK_TOKENS
+
+    s = record["settings"]
+    w = Workload(dtype=s["dtype"], lora_r=s["lora_r"],
+                 gradient_checkpointing=s["gradient_checkpointing"], group_size=s["group_size"],
+                 prompts=s["prompts"], prompt_tokens=record["prompt_tokens"] // s["prompts"],
+                 completion_tokens=s["completion_tokens"],
+                 logprob_chunk_tokens=LOGPROB_CHUNK_TOKENS,
+                 trainable_parameters=record["trainable_parameters"])
+    shape = shape_of(record["checkpoint"])
+    assert shape.parameters == record["parameters"]
+    estimated = estimate(shape, w, runtime_gb=0.4)["peak"]  # 0.4 GB: the CPU runtime constant
+    measured = record["peak_rss_mb"] * 2 ** 20 / 1e9
+    assert abs(estimated - measured) / measured < 0.25, (estimated, measured)
