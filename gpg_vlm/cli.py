@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
+    if name == "bench" and rest[:1] == ["scale"]:
+        return _bench_scale(rest[1:])
     if name not in COMMANDS:
         print(f"gpg-vlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
@@ -55,6 +57,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     return int(module.main([*rest]) or 0)
+
+
+def _bench_scale(argv: list[str]) -> int:
+    """`gpg-vlm bench scale`: the real-shape bench, bench/scale.py in the source checkout."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "scale.py").is_file():
+        print(f"gpg-vlm bench scale: needs the source checkout (bench/scale.py beside gpg_vlm/, "
+              f"not found under {root})", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.scale import main as scale_main
+
+    return int(scale_main(argv) or 0)
 
 
 if __name__ == "__main__":
