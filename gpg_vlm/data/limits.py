@@ -38,8 +38,9 @@ class _LongInt(ValueError):
 
 
 def _bounded_int(text: str) -> int:
-    if len(text) > MAX_INT_DIGITS + 1:  # +1: the sign
-        raise _LongInt(f"an integer of {len(text.lstrip('-'))} digits (the limit is {MAX_INT_DIGITS})")
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        raise _LongInt(f"an integer of {digits} digits (the limit is {MAX_INT_DIGITS})")
     return int(text)
 
 

@@ -17,7 +17,7 @@ and math-verify's own timeouts use signal alarms, which work only on the main th
 
 Every item that hits a budget is counted: `take_over_budget()` returns the counts since its
 previous call, `{"time": n, "memory": m}`, and resets them (per process). The trainer logs
-their sum as `reward/over_budget` once per step; `gpg-vlm score` prints it.
+their sum as `reward/over_budget` once per step.
 
 The worker is `python -m gpg_vlm.rewards.bounded MODULE:FUNCTION MEMORY_BYTES TIME_S`, speaking
 JSON lines on stdin/stdout; if it cannot start (math-verify not installed, no subprocesses)

@@ -136,9 +136,10 @@ def _safe_for_math_verify(text: str) -> bool:
 
 
 def warm_up() -> None:
-    """Import math-verify (and sympy) in the worker before its first timed check."""
+    """Import math-verify and sympy, and load the LaTeX grammar, before the first timed check."""
     if not _math_verify():
         raise ImportError("math-verify is not installed")
+    symbolic_equal("x+1", "1+x")
 
 
 def symbolic_equal(answer: str, solution: str) -> bool:
