@@ -32,16 +32,21 @@ def allocate(n: int) -> bool:
     return len(bytearray(n)) == n
 
 
-@pytest.fixture
-def fast_budget(monkeypatch):
-    """The reasoning reward's worker with a 1 s budget, closed after the test."""
-    from gpg_vlm.rewards import reasoning
-
+@pytest.fixture(scope="module")
+def _fast_worker():
     worker = Worker("gpg_vlm.rewards.reasoning:symbolic_equal", time_s=BUDGET_S)
-    monkeypatch.setattr(reasoning, "SYMBOLIC", worker)
-    take_over_budget()
     yield worker
     worker.close()
+
+
+@pytest.fixture
+def fast_budget(_fast_worker, monkeypatch):
+    """The reasoning reward's worker with a 1 s budget (one per module: starts are slow)."""
+    from gpg_vlm.rewards import reasoning
+
+    monkeypatch.setattr(reasoning, "SYMBOLIC", _fast_worker)
+    take_over_budget()
+    return _fast_worker
 
 
 # ---- return values and signatures ----------------------------------------------------------
@@ -137,16 +142,16 @@ def test_columns_match_what_the_trainer_passes():
 
 # ---- time and memory budgets ---------------------------------------------------------------
 
-@pytest.mark.parametrize("answer, solution", RUNAWAY)
-def test_runaway_symbolic_answers_stop_at_the_budget_and_are_counted(fast_budget, answer, solution):
+def test_runaway_symbolic_answers_stop_at_the_budget_and_are_counted(fast_budget):
     assert reasoning_reward(["<answer>x+1</answer>"], solution=["1+x"]) == [1.0]  # worker started
-    t = time.monotonic()
-    assert reasoning_reward([f"<answer>{answer}</answer>"], solution=[solution]) == [0.0]
-    assert time.monotonic() - t < BUDGET_S + 1.0
-    assert take_over_budget() == {"time": 1, "memory": 0}
-    assert take_over_budget() == {"time": 0, "memory": 0}  # counts are taken once
-    # the next check gets a fresh worker and still works
-    assert reasoning_reward(["<answer>x^2+2x+1</answer>"], solution=["(x+1)^2"]) == [1.0]
+    for answer, solution in RUNAWAY:
+        t = time.monotonic()
+        assert reasoning_reward([f"<answer>{answer}</answer>"], solution=[solution]) == [0.0]
+        assert time.monotonic() - t < BUDGET_S + 1.0
+        assert take_over_budget() == {"time": 1, "memory": 0}
+        assert take_over_budget() == {"time": 0, "memory": 0}  # counts are taken once
+        # the next check goes to the spare process and still works
+        assert reasoning_reward(["<answer>x^2+2x+1</answer>"], solution=["(x+1)^2"]) == [1.0]
 
 
 def test_the_budget_is_what_stops_them():
@@ -224,7 +229,7 @@ def test_worker_that_cannot_start_scores_zero_with_one_warning(caplog):
     worker = Worker("no_such_module_anywhere:fn", time_s=1.0)
     try:
         assert worker.call("a", "b") is False and worker.call("a", "b") is False
-        assert worker.broken and worker.proc is None
+        assert worker.broken and worker.current is None and worker.spare is None
     finally:
         worker.close()
     assert caplog.text.count("is unavailable") == 1

@@ -6,8 +6,8 @@ and math-verify's own timeouts use signal alarms, which work only on the main th
 `Worker` runs the check in a separate Python process, started once and reused:
 
 - each call gets `time_s` seconds of wall-clock time (default `TIME_S`); past it the worker is
-  killed and the item scores as a failed check (False); a fresh worker starts at once, in the
-  background, for the next call;
+  killed and the item scores as a failed check (False); a spare worker, started beforehand,
+  takes the next call, and a new spare starts in the background;
 - the worker's address space is capped at `memory_bytes` (RLIMIT_AS, default `MEMORY_BYTES`):
   sympy meets a MemoryError (or the worker dies) instead of the machine running out, the
   item fails, and the worker is replaced;
@@ -65,31 +65,21 @@ def take_over_budget() -> dict[str, int]:
     return out
 
 
-class Worker:
-    """One reused worker process running `target` ("module:function") under the budgets."""
+class _Process:
+    """One worker process: its pipes and the bytes of a reply read so far."""
 
-    def __init__(self, target: str, time_s: float = TIME_S, memory_bytes: int = MEMORY_BYTES):
-        self.target, self.time_s, self.memory_bytes = target, time_s, memory_bytes
-        self.proc: subprocess.Popen | None = None
-        self.ready = False
-        self.broken = False  # could not start: every call returns the default
-        self.lock = threading.Lock()
-        self.buffer = b""
-        atexit.register(self.close)
-
-    def _start(self) -> None:
+    def __init__(self, argv: list[str]):
         root = str(Path(__file__).resolve().parents[2])  # the folder holding gpg_vlm/
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gpg_vlm.rewards.bounded", self.target,
-             str(self.memory_bytes), str(self.time_s)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-        self.ready, self.buffer = False, b""
+        self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, env=env)
+        self.buffer = b""
+        self.ready = False
 
-    def _read_line(self, deadline: float) -> bytes | None:
-        """One reply line, or None on timeout or when the worker is gone."""
-        fd = self.proc.stdout.fileno()
+    def read_line(self, deadline: float) -> bytes | None:
+        """One reply line, or None on timeout or when the process is gone."""
+        fd = self.popen.stdout.fileno()
         while b"\n" not in self.buffer:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
@@ -101,59 +91,98 @@ class Worker:
         line, _, self.buffer = self.buffer.partition(b"\n")
         return line
 
-    def _kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc.stdin.close()
-            self.proc.stdout.close()
-            self.proc = None
-
-    def _ensure_ready(self) -> bool:
-        if self.proc is None:
-            self._start()
-        if self.ready:
+    def send(self, args: tuple) -> bool:
+        try:
+            self.popen.stdin.write(json.dumps({"args": args}).encode() + b"\n")
+            self.popen.stdin.flush()
             return True
-        line = self._read_line(time.monotonic() + START_S)
-        if line is None or not json.loads(line).get("ready"):
-            self._kill()
-            self.broken = True
-            log.warning("reward check %s is unavailable (its worker did not start); such items "
-                        "score 0", self.target)
+        except OSError:  # it died between calls
             return False
-        self.ready = True
-        return True
+
+    def kill(self) -> None:
+        self.popen.kill()
+        self.popen.wait()
+        self.popen.stdin.close()
+        self.popen.stdout.close()
+
+
+class Worker:
+    """A reused worker process running `target` ("module:function") under the budgets.
+
+    A spare process is kept started beside it (after the first is ready, so the two do not
+    compete for the CPU while importing): when a check is killed, the next one goes to the
+    spare at once instead of waiting seconds for a fresh process to import sympy.
+    """
+
+    def __init__(self, target: str, time_s: float = TIME_S, memory_bytes: int = MEMORY_BYTES):
+        self.target, self.time_s, self.memory_bytes = target, time_s, memory_bytes
+        self.current: _Process | None = None
+        self.spare: _Process | None = None
+        self.broken = False  # could not start: every call returns the default
+        self.lock = threading.Lock()
+        atexit.register(self.close)
+
+    def _spawn(self) -> _Process:
+        return _Process([sys.executable, "-m", "gpg_vlm.rewards.bounded", self.target,
+                         str(self.memory_bytes), str(self.time_s)])
+
+    def _ready(self) -> _Process | None:
+        """The process to send the next check to, started and ready; None if it cannot start."""
+        if self.current is None:
+            self.current, self.spare = self.spare or self._spawn(), None
+        proc = self.current
+        if not proc.ready:
+            line = proc.read_line(time.monotonic() + START_S)
+            if line is None or not json.loads(line).get("ready"):
+                self.close_unlocked()
+                self.broken = True
+                log.warning("reward check %s is unavailable (its worker did not start); such "
+                            "items score 0", self.target)
+                return None
+            proc.ready = True
+        if self.spare is None:
+            self.spare = self._spawn()
+        return proc
+
+    def _retire(self) -> None:
+        """Kill the current process; the spare takes the next check."""
+        if self.current is not None:
+            self.current.kill()
+            self.current = None
 
     def call(self, *args, default=False):
         """target(*args) in the worker (JSON-able arguments and result); `default` on any failure."""
         with self.lock:
-            if self.broken or not self._ensure_ready():
+            for _ in range(2):  # a process that died between calls is replaced once
+                proc = None if self.broken else self._ready()
+                if proc is None:
+                    return default
+                if proc.send(args):
+                    break
+                self._retire()
+            else:
                 return default
-            try:
-                self.proc.stdin.write(json.dumps({"args": args}).encode() + b"\n")
-                self.proc.stdin.flush()
-            except OSError:  # the worker died between calls
-                self._restart()
-                return default
-            line = self._read_line(time.monotonic() + self.time_s)
+            line = proc.read_line(time.monotonic() + self.time_s)
             reply = json.loads(line) if line is not None else None
             if reply is None or "memory" in reply:
-                # a runaway check: killed at its time budget, or it ran out of memory (a
-                # MemoryError reply, or the worker died); either way a fresh worker is started
-                code = self.proc.poll() if line is None else None
-                # alive at the deadline, or stopped by its CPU cap: time; else it ran out of memory
+                # a runaway check: alive at its deadline or stopped by its CPU cap (time), or
+                # out of memory (a MemoryError reply, or the process died); it is replaced
+                code = proc.popen.poll() if line is None else None
                 _count("time" if line is None and code in (None, -signal.SIGXCPU) else "memory")
-                self._restart()
+                self._retire()
                 return default
             return reply.get("result", default)
 
-    def _restart(self) -> None:
-        self._kill()
-        self._start()  # in the background: its imports overlap with the caller's work
+    def close_unlocked(self) -> None:
+        for proc in (self.current, self.spare):
+            if proc is not None:
+                proc.kill()
+        self.current = self.spare = None
 
     def close(self) -> None:
+        """Stop the worker processes (also at exit); the next call starts them again."""
         with self.lock:
-            self._kill()
+            self.close_unlocked()
 
 
 def _limit_cpu(seconds: float) -> None:
