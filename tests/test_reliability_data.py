@@ -245,6 +245,51 @@ def test_an_eps_file_never_starts_ghostscript(tmp_path, mode):
     assert result["ran_after"] is (mode == "control")  # the planted program is detectable
 
 
+HF_PLANTED = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+    import datasets
+    from gpg_vlm.data import load_rows
+    folder = Path(sys.argv[1])
+    eps = (folder / "x.eps").read_bytes()
+    png = (folder / "1.png").read_bytes()
+    ds = datasets.Dataset.from_dict({
+        "image": [{"bytes": png, "path": None}, {"bytes": eps, "path": "x.eps"}],
+        "problem": ["p", "q"], "solution": ["1", "2"], "task": ["reasoning"] * 2,
+    }).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(folder / "ds"))
+    rows = load_rows(folder / "ds", on_bad_row="skip")
+    control = sys.argv[2] == "control"
+    if control:  # the library's own decoding of the same row
+        datasets.load_from_disk(str(folder / "ds"))[1]["image"].load()
+    print(json.dumps({"kept": len(rows), "skipped": [s.reason for s in rows.skipped],
+                      "ran": Path(os.environ["MARKER"]).exists()}))
+""")
+
+
+@pytest.mark.parametrize("mode", ["guarded", "control"])
+def test_a_hugging_face_image_column_is_never_decoded_by_the_library(tmp_path, mode):
+    pytest.importorskip("datasets")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    marker = tmp_path / "gs-ran"
+    (bin_dir / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> {marker}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    (tmp_path / "x.eps").write_bytes(EPS)
+    png(tmp_path / "1.png")
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", MARKER=str(marker),
+               PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", HF_PLANTED, str(tmp_path), mode], env=env,
+                         capture_output=True, text=True, timeout=300)
+    if mode == "control":
+        assert marker.exists()  # datasets' decoder hands EPS to Ghostscript
+        return
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["kept"] == 1 and not result["ran"]
+    assert result["skipped"][0].startswith("ds[1]: field 'image': cannot read image <")
+
+
 def _samples() -> dict[str, bytes]:
     out = {}
     img = Image.new("RGB", (24, 16))
