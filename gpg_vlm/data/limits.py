@@ -106,9 +106,9 @@ def prompt_counter(tokenizer, template: str = "{problem}", factor: int | None = 
             try:
                 rh, rw = smart_resize_rules(h, w, factor, min_pixels, max_pixels)
             except ValueError as exc:
-                raise DataError(f"{row._where(i)}: {exc}") from None
+                raise DataError(f"{row.image_where(i)}: {exc}") from None
             if rh * rw > max_pixels:
-                raise DataError(f"{row._where(i)}: a {w}x{h} image is still {rw}x{rh} = {rw * rh} "
+                raise DataError(f"{row.image_where(i)}: a {w}x{h} image is still {rw}x{rh} = {rw * rh} "
                                 f"pixels after resizing, over max_pixels {max_pixels}; crop it")
             total += (rh // factor) * (rw // factor) + 2  # merged patches + vision start/end
         return total

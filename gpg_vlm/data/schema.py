@@ -65,22 +65,23 @@ class Row:
         """Decode every image as RGB; raises DataError naming source, field and file."""
         from gpg_vlm.data.images import open_image
 
-        return [open_image(self._checked(i), self._where(i)) for i in range(len(self.images))]
+        return [open_image(self._checked(i), self.image_where(i)) for i in range(len(self.images))]
 
     @property
     def image_sizes(self) -> list[tuple[int, int]]:
         """Original (W, H) of each image, read from the headers only."""
         from gpg_vlm.data.images import image_size
 
-        return [image_size(self._checked(i), self._where(i)) for i in range(len(self.images))]
+        return [image_size(self._checked(i), self.image_where(i)) for i in range(len(self.images))]
 
-    def _where(self, i: int) -> str:
+    def image_where(self, i: int) -> str:
+        """The prefix of every message about image i (SOURCE: field 'image'[i])."""
         return f"{self.source}: field 'image'" + (f"[{i}]" if len(self.images) > 1 else "")
 
     def _checked(self, i: int) -> Any:
         src = self.images[i]
         if self.root is not None and isinstance(src, (str, os.PathLike)):
-            check_inside(Path(src), self.root, self._where(i))
+            check_inside(Path(src), self.root, self.image_where(i))
         return src
 
 
