@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -492,3 +493,127 @@ def test_parsing_limits_in_score(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "o.json").read_text())
     assert result["n"] == 1 and [s["line"] for s in result["skipped"]] == [2, 3, 4]
+
+
+# ---- wired into the trainer and `gpg-vlm eval` -----------------------------------------------
+
+from test_train import fm_data, make_config  # noqa: E402,F401 - fm_data is a fixture
+
+PLANTED_REWARDS = '''
+from gpg_vlm.rewards import reasoning_reward
+
+def dict_reward(completions, **columns):
+    return {"score": [1.0] * len(completions)}
+
+def none_reward(completions, **columns):
+    return None
+
+def str_reward(completions, **columns):
+    return ["1.0"] * len(completions)
+
+def scalar_reward(completions, **columns):
+    return 1.0
+
+def short_reward(completions, **columns):
+    return [1.0]
+
+def nan_reward(completions, **columns):
+    return [float("nan")] * len(completions)
+
+def no_columns_reward(completions):
+    return [1.0] * len(completions)
+
+def runaway_once_reward(completions, **columns):
+    """Parity, plus one symbolic check that runs away (stopped by its budget, counted)."""
+    reasoning_reward(["<answer>(((9^{99})^{99})^{99})^{99}</answer>"], solution=["1"])
+    return [float(len(c) % 2 == 0) for c in completions]
+'''
+
+
+@pytest.fixture
+def planted(tmp_path, monkeypatch):
+    folder = tmp_path / "planted"
+    folder.mkdir()
+    (folder / "planted_data_rewards.py").write_text(PLANTED_REWARDS)
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop("planted_data_rewards", None)
+    yield folder
+    sys.modules.pop("planted_data_rewards", None)
+
+
+def train_cli(capsys, tmp_path, cfg) -> tuple[int, str]:
+    import yaml
+
+    from gpg_vlm.cli import main as cli
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    capsys.readouterr()
+    code = cli(["train", "--config", str(config)])
+    return code, capsys.readouterr().err
+
+
+def message(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("gpg-vlm ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name, part", [
+    ("dict_reward", "returned a dict"), ("none_reward", "returned None"),
+    ("str_reward", "value 0 is '1.0' (str), not a real number"), ("scalar_reward", "returned a float 1.0"),
+    ("short_reward", "returned 1 values for 2 completions"), ("nan_reward", "value 0 is nan"),
+    ("no_columns_reward", "must accept **columns"),
+])
+def test_a_broken_user_reward_stops_training_before_the_model_loads(
+        planted, tiny_dirs, fm_data, tmp_path, capsys, name, part):
+    # the model folder does not exist: only an error raised before loading it can name the reward
+    cfg = make_config(tiny_dirs, fm_data, tmp_path / "out", model=str(tmp_path / "no-model"),
+                      rewards={f"planted_data_rewards:{name}": 1.0})
+    code, err = train_cli(capsys, tmp_path, cfg)
+    line = message(err)
+    assert code == 2 and f"reward 'planted_data_rewards:{name}'" in line and part in line, line
+
+
+def long_prompt_data(fm_data, tmp_path) -> Path:
+    """The Fashion-MNIST rows with row 3's problem made 400 words long."""
+    lines = (fm_data / "classification_train.jsonl").read_text().splitlines()
+    record = json.loads(lines[2])
+    record["problem"] = " ".join(["word"] * 400)
+    lines[2] = json.dumps(record)
+    shutil.copytree(fm_data / "images", tmp_path / "images")
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_prompt_over_max_prompt_tokens_is_a_bad_row_in_training(
+        planted, tiny_dirs, fm_data, tmp_path, capsys, caplog):
+    data = long_prompt_data(fm_data, tmp_path)
+    cfg = make_config(tiny_dirs, fm_data, tmp_path / "out", data=str(data), max_prompt_tokens=300)
+    code, err = train_cli(capsys, tmp_path, cfg)
+    line = message(err)
+    assert code == 2 and "train.jsonl:3: the prompt is" in line and "over the limit of 300" in line
+    cfg = make_config(tiny_dirs, fm_data, tmp_path / "out2", data=str(data), max_prompt_tokens=300,
+                      on_bad_row="skip", max_steps=1,
+                      rewards={"planted_data_rewards:runaway_once_reward": 1.0})
+    with caplog.at_level(logging.WARNING, logger="gpg_vlm.data"):
+        code, err = train_cli(capsys, tmp_path, cfg)
+    assert code == 0, err
+    assert "skipped bad row train.jsonl:3: the prompt is" in caplog.text
+    assert "skipped 1 row(s) whose prompts the model cannot take, kept 31" in caplog.text
+    (record,) = [json.loads(x) for x in (tmp_path / "out2" / "metrics.jsonl").read_text().splitlines()
+                 if '"loss"' in x]
+    assert record["reward/over_budget"] >= 1  # the planted runaway, stopped and counted
+
+
+def test_eval_refuses_prompts_over_the_limit_in_one_line(tiny_dirs, fm_data, tmp_path, capsys):
+    from gpg_vlm.cli import main as cli
+
+    capsys.readouterr()
+    code = cli(["eval", "--model", str(tiny_dirs("qwen2_vl")), "--benchmark", "jsonl",
+                "--data", str(fm_data / "classification_test.jsonl"), "--max-prompt-tokens", "5",
+                "--out", str(tmp_path / "e")])
+    line = message(capsys.readouterr().err)
+    assert code == 2 and "classification_test.jsonl:1: the prompt is" in line and "over the limit of 5" in line

@@ -148,11 +148,11 @@ def test_a_well_formed_user_reward_resolves(monkeypatch):
 
 
 def test_columns_match_what_the_trainer_passes():
-    """COLUMNS names every column evaluate.reward_columns builds (precision included)."""
+    """COLUMNS names every column tasks.reward_columns builds (precision included)."""
     from types import SimpleNamespace
 
     from gpg_vlm.data import make_row
-    from gpg_vlm.evaluate import reward_columns
+    from gpg_vlm.tasks import reward_columns
 
     row = make_row({"problem": "p", "solution": "1", "task": "reasoning"}, "m:1", extra={"precision": 1})
     batch = SimpleNamespace(image_sizes=[[(4, 4)]], model_image_sizes=[[(28, 28)]])

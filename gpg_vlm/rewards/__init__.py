@@ -46,7 +46,7 @@ __all__ = [
     "resolve_reward", "take_over_budget",
 ]
 
-# The columns the trainer and `gpg-vlm eval` pass to every reward (evaluate.reward_columns);
+# The columns the trainer and `gpg-vlm eval` pass to every reward (tasks.reward_columns);
 # `precision` only when some row of the dataset has one.
 COLUMNS = ("solution", "task", "choices", "problem", "image_size", "model_image_size",
            "box_format", "precision")
