@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
@@ -18,7 +17,7 @@ from gpg_vlm import algo
 from gpg_vlm.models.batch import PromptBatch, Rollout
 from gpg_vlm.config import ConfigError, TrainConfig
 from gpg_vlm.dist import Processes
-from gpg_vlm.rewards import (RewardError, accuracy_reward, call_reward, probe_reward, resolve_reward,
+from gpg_vlm.rewards import (RewardError, accuracy_reward, call_reward, resolve_reward,
                              take_over_budget)
 from gpg_vlm.tasks import reward_columns, row_category, samples_of
 
@@ -120,18 +119,6 @@ def resolve_rewards(cfg: TrainConfig) -> dict:
                 else resolve_reward(name) for name in cfg.rewards}
     except ValueError as exc:
         raise ConfigError(f"config key 'rewards': {exc}") from None
-
-
-def probe_rewards(rewards: dict, row) -> None:
-    """Call each reward once on the first dataset row before any model loads; one line if broken."""
-    sizes = row.image_sizes  # headers only
-    one = SimpleNamespace(image_sizes=[sizes], model_image_sizes=[sizes])
-    columns = {k: v[0] for k, v in reward_columns([row], one, [0], "abs").items()}
-    for name, fn in rewards.items():
-        try:
-            probe_reward(name, fn, columns)
-        except RewardError as exc:
-            raise ConfigError(f"config key 'rewards': {exc} (probed on {row.source})") from None
 
 
 def score_completions(rewards: dict, weights: dict, texts: list[str], columns: dict) -> dict:

@@ -38,8 +38,8 @@ import torch
 from gpg_vlm import algo
 from gpg_vlm.checkpoint import (CheckpointError, checkpoint_to_resume, load_checkpoint_state,
                                 restore_rng, rng_state, save_checkpoint)
-from gpg_vlm.collect import (Collected, PromptStream, Sampler, TrainingError, probe_rewards,
-                             resolve_rewards, rollout_metrics)
+from gpg_vlm.collect import (Collected, PromptStream, Sampler, TrainingError, resolve_rewards,
+                             rollout_metrics)
 from gpg_vlm.config import ConfigError, TrainConfig
 from gpg_vlm.data import DataError, load_rows
 from gpg_vlm.dist import Processes
@@ -104,9 +104,10 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        rewards = resolve_rewards(cfg)  # a bad reward name fails before anything is loaded
+        # a bad reward name, or a reward that cannot take (completions, **columns), fails
+        # before anything is loaded
+        rewards = resolve_rewards(cfg)
         self._load_rows()
-        probe_rewards(rewards, self.rows[0])  # and so does a reward that raises or returns junk
         self._load_models(resume)
         self._check_prompts()
         self.sampler = Sampler(cfg, self.adapter, self.rollout, self.procs, self.rows, rewards)

@@ -560,20 +560,27 @@ def message(err: str) -> str:
     return lines[0]
 
 
+def test_a_user_reward_that_cannot_take_the_columns_stops_before_the_model_loads(
+        planted, tiny_dirs, fm_data, tmp_path, capsys):
+    # the model folder does not exist: only an error raised before loading it can name the reward
+    cfg = make_config(tiny_dirs, fm_data, tmp_path / "out", model=str(tmp_path / "no-model"),
+                      rewards={"planted_data_rewards:no_columns_reward": 1.0})
+    code, err = train_cli(capsys, tmp_path, cfg)
+    line = message(err)
+    assert code == 2 and "reward 'planted_data_rewards:no_columns_reward' must accept **columns" in line
+
+
 @pytest.mark.parametrize("name, part", [
     ("dict_reward", "returned a dict"), ("none_reward", "returned None"),
     ("str_reward", "value 0 is '1.0' (str), not a real number"), ("scalar_reward", "returned a float 1.0"),
-    ("short_reward", "returned 1 values for 2 completions"), ("nan_reward", "value 0 is nan"),
-    ("no_columns_reward", "must accept **columns"),
+    ("short_reward", "returned 1 values for 16 completions"), ("nan_reward", "value 0 is nan"),
 ])
-def test_a_broken_user_reward_stops_training_before_the_model_loads(
-        planted, tiny_dirs, fm_data, tmp_path, capsys, name, part):
-    # the model folder does not exist: only an error raised before loading it can name the reward
-    cfg = make_config(tiny_dirs, fm_data, tmp_path / "out", model=str(tmp_path / "no-model"),
-                      rewards={f"planted_data_rewards:{name}": 1.0})
+def test_a_bad_reward_value_stops_training_in_one_line(planted, tiny_dirs, fm_data, tmp_path, capsys,
+                                                       name, part):
+    cfg = make_config(tiny_dirs, fm_data, tmp_path / "out", rewards={f"planted_data_rewards:{name}": 1.0})
     code, err = train_cli(capsys, tmp_path, cfg)
     line = message(err)
-    assert code == 2 and f"reward 'planted_data_rewards:{name}'" in line and part in line, line
+    assert code == 1 and f"reward 'planted_data_rewards:{name}'" in line and part in line, line
 
 
 def long_prompt_data(fm_data, tmp_path) -> Path:

@@ -86,25 +86,6 @@ def test_good_return_values_are_floats():
         assert len(out) == 3 and all(type(v) is float for v in out)
 
 
-def test_probe_calls_a_reward_on_one_row_before_training():
-    seen = {}
-
-    def spy(completions, solution, **columns):
-        seen.update(columns, solution=solution, n=len(completions))
-        return [0.0] * len(completions)
-
-    rewards.probe_reward("spy", spy, {"solution": "3", "task": "reasoning"})
-    assert seen == {"solution": ["3", "3"], "task": ["reasoning", "reasoning"], "n": 2}
-    with pytest.raises(RewardError, match=r"^reward 'd' returned a dict"):
-        rewards.probe_reward("d", _returning({"x": 1}), {"solution": "3"})
-    frame = {"image_size": (8, 8), "model_image_size": (28, 28), "box_format": "abs",
-             "choices": None, "problem": "p"}  # every column, as the trainer passes them
-    for name in rewards.BUILTIN_REWARDS:  # the built-ins pass on a row of each task
-        for row in ({"solution": "3", "task": "reasoning"}, {"solution": "cat", "task": "classification"},
-                    {"solution": [1, 2, 3, 4], "task": "grounding"}):
-            rewards.probe_reward(name, rewards.BUILTIN_REWARDS[name], dict(frame, **row))
-
-
 def test_a_reward_that_raises_is_named():
     def boom(completions, **columns):
         raise KeyError("solution_text")

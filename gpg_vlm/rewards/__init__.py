@@ -17,8 +17,6 @@ differs from `completions` raises ValueError naming it.
 - `call_reward(name, fn, completions, columns)`: the one way the trainer calls a reward: an
   exception, or a return value that is not exactly B finite real numbers (a dict, None, a
   string, a scalar, a wrong length, NaN), is a `RewardError` of one line naming the reward.
-  `probe_reward(name, fn, columns)` makes one such call on two fixed completions and one
-  dataset row, so that the trainer finds a broken reward before it loads the model.
 - Budgets: the symbolic check runs under a hard time and memory budget (bounded.py); an item
   that hits it scores 0. `take_over_budget()` -> {"time": n, "memory": m}, the items that
   hit a budget since its previous call (per process): the trainer logs their sum per step.
@@ -42,7 +40,7 @@ from gpg_vlm.rewards.reasoning import reasoning_reward
 
 __all__ = [
     "COLUMNS", "RewardError", "accuracy_reward", "call_reward", "classification_reward",
-    "extract_answer", "format_reward", "grounding_reward", "probe_reward", "reasoning_reward",
+    "extract_answer", "format_reward", "grounding_reward", "reasoning_reward",
     "resolve_reward", "take_over_budget",
 ]
 
@@ -179,17 +177,6 @@ def call_reward(name: str, fn, completions: list, columns: dict) -> list[float]:
     except Exception as exc:  # noqa: BLE001 - a user's reward may raise anything: name it
         raise RewardError(f"reward {name!r} raised {type(exc).__name__}: {str(exc)[:200]}") from exc
     return reward_values(name, values, len(completions))
-
-
-PROBE_COMPLETIONS = ["<think>probe</think><answer>0</answer>", ""]
-
-
-def probe_reward(name: str, fn, columns: dict) -> None:
-    """Call `fn` once on `PROBE_COMPLETIONS` with one row's `columns` (plain values, repeated
-    here): a reward that raises or returns anything but two finite numbers is a RewardError
-    before any model is loaded."""
-    n = len(PROBE_COMPLETIONS)
-    call_reward(name, fn, list(PROBE_COMPLETIONS), {k: [v] * n for k, v in columns.items()})
 
 
 def resolve_reward(spec: str, **options):
