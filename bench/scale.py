@@ -239,7 +239,7 @@ def machine() -> dict:
 def markdown(report: dict) -> str:
     lines = [
         "| model | recipe | parameters | vocab | G x completion tokens | prompt tokens | step s "
-        "(rollout / train) | peak RSS | loss |",
+        "(rollout / train) | peak RSS (GiB) | loss |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["models"]:
@@ -249,7 +249,7 @@ def markdown(report: dict) -> str:
             f"({r['trainable_parameters'] / 1e6:.1f}M LoRA) | {r['vocab_size']} | "
             f"{r['completions']} x {s['completion_tokens']} | {r['prompt_tokens']} | "
             f"{r['step_seconds']:.0f} ({r['rollout_seconds']:.0f} / {r['train_seconds']:.0f}) | "
-            f"{r['peak_rss_mb'] / 1024:.1f} GB | {r['loss']:.4g} |")
+            f"{r['peak_rss_mb'] / 1024:.1f} | {r['loss']:.4g} |")
     return "\n".join(lines)
 
 
