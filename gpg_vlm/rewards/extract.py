@@ -45,7 +45,8 @@ MAX_SCAN = 200_000  # lenient steps 2-4 read at most the last this many characte
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _PHRASE = re.compile(
-    r"(?:\b(?:final|correct)\s+(?:answer|option|choice)\b\s*(?:is\b|:|=)?"
+    r"(?:\b(?:final|correct)\s+(?:answer|option|choice)(?:\s+letter)?\b"
+    r"(?:[^.:=\n]{0,60}?\bis\b|\s*[:=])?"
     r"|\banswer\s*(?:is\b|:|=|would\s+be\b|should\s+be\b)"
     r"|\b(?:option|choice)\s+(?=\(?[A-Z]\)?\W*$))",
     re.IGNORECASE | re.MULTILINE,
@@ -56,6 +57,13 @@ _LETTER = re.compile(r"\(([A-Z])\)|\[([A-Z])\]|(?<![\w(\[])([A-Z])[.):](?!\w)")
 _ONLY_LETTER = re.compile(r"[\s*_`'\"(\[]*([A-Z])[\s*_`'\".)\]:]*")
 _BOX_HINT = re.compile(r"\[\s*-?\d[^\[\]]*\]|\(\s*-?\d+(?:\.\d+)?\s*,\s*-?\d+(?:\.\d+)?\s*\)")
 _ANSWER_TAG = re.compile(r"</?answer>", re.IGNORECASE)
+_SPECIAL = re.compile(r"</s>|<\|[a-z_]{2,20}\|>")  # end-of-text tokens some decoders leave in
+_QUOTED = re.compile(r"[\"“]([^\"”\s]{1,20}?)([,.]?)[\"”]")
+_FILLER = re.compile(r"^(?:therefore|thus|so|hence|then|clearly|simply)\b[,:]?\s*", re.IGNORECASE)
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf)\s*\{([^{}]*)\}")
+_COURTESY = re.compile(r"hope (?:this|that|it) (?:helps|answers)|let me know|other questions|feel free to"
+                       r"|anything else|help you with|^`{3}\w*$", re.IGNORECASE)
+_INNER_LETTER = re.compile(r"\([A-Z]\)")
 
 
 def _boxed(text: str) -> str | None:
@@ -70,10 +78,22 @@ def _boxed(text: str) -> str | None:
 
 
 def _tidy(text: str) -> str:
-    """An answer without Markdown emphasis, math dollars and edge punctuation."""
-    text = text.replace("**", "").replace("__", "").replace("`", "")
-    text = text.strip().strip("$").strip()
-    return text.rstrip(".,;:!?").strip()
+    """An answer without Markdown emphasis, quotes, math dollars, \\text{} and edge punctuation."""
+    text = _TEXT_CMD.sub(r"\1", text.replace("**", "").replace("__", "").replace("`", ""))
+    text = _QUOTED.sub(r"\1\2", text)  # '"C," which is' -> 'C, which is'
+
+    text = _FILLER.sub("", text.strip()).strip().strip("$\"'“”").strip()
+    return text.rstrip(".,;:!?").strip().strip("\"'“”").strip()
+
+
+def _first_clause(text: str) -> str:
+    """`text` up to its first ", " or "; " outside brackets (the rest explains the answer)."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([{") - (ch in ")]}")
+        if depth <= 0 and ch in ",;" and text[i + 1:i + 2] == " " and i > 0:
+            return text[:i]
+    return text
 
 
 def _phrase(text: str) -> str | None:
@@ -84,7 +104,11 @@ def _phrase(text: str) -> str | None:
         if boxed:
             return boxed
         end = _SENTENCE_END.search(rest)
-        answer = _tidy(rest[:end.start()] if end else rest)
+        piece = _QUOTED.sub(r"\1\2", rest[:end.start()] if end else rest)
+        answer = _tidy(_first_clause(_FILLER.sub("", piece.strip("*_ ")).strip()))
+        letter = _INNER_LETTER.search(answer)
+        if letter and 0 < len(answer[:letter.start()].split()) <= 3:  # "still (B) No", "∠2 = (C) 15°"
+            answer = answer[letter.start():]
         if answer:
             return answer
     return None
@@ -92,6 +116,8 @@ def _phrase(text: str) -> str | None:
 
 def _last_line(text: str, task: str) -> str | None:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    while lines and _COURTESY.search(lines[-1]) and not re.search(r"\d", lines[-1]):
+        lines.pop()  # "I hope this helps!" after the answer
     if not lines:
         return None
     line = lines[-1]
@@ -112,8 +138,9 @@ def lenient_answer(completion, task: str = "math") -> tuple[str | None, str]:
     tagged = extract_answer(completion)
     if tagged is not None:
         return tagged, "tag"
-    text = strip_think(completion_text(completion))[-MAX_SCAN:]
+    text = _SPECIAL.sub(" ", strip_think(completion_text(completion))[-MAX_SCAN:])
     for step, answer in (("boxed", _boxed(text)), ("phrase", _phrase(text))):
+        answer = _tidy(answer) if answer else answer
         if answer:
             return _ANSWER_TAG.sub(" ", answer).strip(), step
     answer = _last_line(text, task)
