@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gpg_vlm.train", "GPG / GRPO / Dr.GRPO training from a YAML config"),
     "eval": ("gpg_vlm.evaluate", "evaluate a checkpoint on a benchmark"),
     "score": ("gpg_vlm.score", "score pre-generated completions with the training rewards"),
+    "check-reward": ("gpg_vlm.check_reward", "run a reward function over known hacks and edge cases"),
     "demo": ("gpg_vlm.demo", "CPU demo: warm-up, then GPG on Fashion-MNIST"),
     "bench": ("bench.harness", "side-by-side speed and memory benchmark against TRL"),
 }
