@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,11 @@ def test_a_reward_that_is_right_on_the_battery_rows_but_never_raises_is_not_flag
     hack = next(c for c in battery("math") if c.kind == "hack")
     assert check_reward.verdict(hack, "ok", 1e-9) == "ABOVE ZERO"
     assert check_reward.verdict(hack, "ok", 0.0) == "ok"
+
+
+def test_the_readme_shows_the_current_report_for_the_naive_reward(capsys):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    command = "$ PYTHONPATH=tests gpg-vlm check-reward naive_rewards:substring_reward --task classification\n"
+    shown = readme.split(command, 1)[1].split("```", 1)[0].rstrip()
+    cli(["check-reward", "naive_rewards:substring_reward", "--task", "classification"])
+    assert shown == capsys.readouterr().out.rstrip()
