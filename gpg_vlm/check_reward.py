@@ -30,11 +30,10 @@ import sys
 import time
 
 from gpg_vlm.reward_battery import TASKS, Case, battery
+from gpg_vlm.rewards import resolve_reward
 
 
 def _load(spec: str):
-    from gpg_vlm.rewards import resolve_reward
-
     return resolve_reward(spec)
 
 

@@ -45,6 +45,7 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from gpg_vlm.rewards import classification_reward, grounding_reward, reasoning_reward
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(signum, frame):
         raise _Stop()
 
-    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None  # signals: main thread only
     try:
         journal = _open_journal(out, args, done) if out else None
         done = _score_all(rows, args, journal, done)
@@ -291,9 +293,3 @@ def main(argv: list[str] | None = None) -> int:
     note = f", {len(skipped)} bad row(s) skipped" if skipped else ""
     print(f"{args.task}: accuracy {100 * accuracy:.2f}% on {n} rows ({args.extract} extraction){note}")
     return 0
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
