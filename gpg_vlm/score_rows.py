@@ -2,7 +2,7 @@
 
 A row is bad — `FILE:LINE: ...` naming the field, then an error or, with `--on-bad-row skip`,
 a counted and logged skip — when its line is not UTF-8 or not a JSON object (including JSON
-too deep or with integers too long for Python to read), a field is missing, or a field has a
+deeper or with longer integers than data/limits.py allows), a field is missing, or a field has a
 type that no answer could match. A mistyped solution would otherwise score a silent 0 for
 every completion, which reads as a wrong model rather than a wrong file. Solutions by task:
 - classification: a non-empty class name, or a non-empty list of them;
@@ -18,11 +18,12 @@ Deliberately left out: checking completions beyond their type (any text is a val
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 
+from gpg_vlm.data.limits import parse_json
+from gpg_vlm.data.schema import DataError
 from gpg_vlm.rewards.grounding import _solution_boxes
 from gpg_vlm.rewards.numeric import value_of
 from gpg_vlm.rewards.reasoning import _choice_index
@@ -122,14 +123,10 @@ def _record(raw: bytes, number: int, where: str):
         raise BadRow(f"{where}: line is not valid UTF-8 (byte {exc.start})") from None
     if not text.strip():
         return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadRow(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from None
-    except RecursionError:
-        raise BadRow(f"{where}: JSON nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
-        raise BadRow(f"{where}: unreadable JSON: {str(exc).splitlines()[0][:120]}") from None
+    try:  # bounded depth and integer size (data/limits.py): a bad row, never a RecursionError
+        return parse_json(text, where)
+    except DataError as exc:
+        raise BadRow(str(exc)) from None
 
 
 def read_rows(path: Path, args) -> tuple[list[tuple[int, dict]], list[dict]]:
