@@ -13,7 +13,9 @@ Exit status 0 when every case is ok, 1 otherwise, 2 for a reward that cannot be 
 
 Isolation: the cases run one by one in a worker process (forked where the platform allows,
 so a reward defined in a test module works too), with an address-space limit (`--memory-mb`).
-The parent waits at most the budget for each answer; a worker that overruns is killed and a
+The parent waits at most the budget for each answer, plus once a grace period (`--grace`): a
+call that finishes within it is repeated in the now warm worker and judged by the repeat, so a
+library imported on first use is not taken for a hang. A worker that overruns is killed and a
 fresh one continues with the next case, so a hang or a runaway allocation in the reward can
 never block the tool.
 
@@ -88,20 +90,41 @@ class _Runner:
                                      daemon=True)
         self.proc.start()
 
-    def run(self, index: int, budget: float) -> tuple[str, object, float]:
+    def _ask(self, wait: float):
+        """The worker's answer to the case sent last, within `wait` seconds, or None."""
+        if not self.conn.poll(wait):
+            return None
+        try:
+            return self.conn.recv()
+        except EOFError:  # the worker died (e.g. killed by the memory limit)
+            exit_code, self.proc = self.proc.exitcode, None
+            return "raised", f"the worker process died (exit {exit_code})"
+
+    def run(self, index: int, budget: float, grace: float) -> tuple[str, object, float, str]:
+        """(status, value, seconds, note) of one case.
+
+        A call over the budget gets `grace` more seconds: if it then returns, it is run again
+        in the now warm worker and judged by that second call, so one-time start-up work (a
+        library imported on first use) is not reported as a hang; otherwise it is killed.
+        """
         if self.proc is None or not self.proc.is_alive():
             self._start()
         start = time.monotonic()
         self.conn.send(index)
-        if self.conn.poll(budget):
-            try:
-                status, value = self.conn.recv()
-            except EOFError:  # the worker died (e.g. killed by the memory limit)
-                status, value = "raised", f"the worker process died (exit {self.proc.exitcode})"
-                self.proc = None
-            return status, value, time.monotonic() - start
-        self.close()
-        return "timeout", None, time.monotonic() - start
+        answer, note = self._ask(budget), ""
+        if answer is None:
+            late = self._ask(grace)
+            if late is not None and self.proc is not None:  # finished late: repeat it, warm
+                note = f"first call {time.monotonic() - start:.1f} s: start-up"
+                start = time.monotonic()
+                self.conn.send(index)
+                answer = self._ask(budget)
+            else:
+                answer = late  # None (still running) or the report of a dead worker
+        if answer is None:
+            self.close()
+            return "timeout", None, time.monotonic() - start, note
+        return (*answer, time.monotonic() - start, note)
 
     def close(self):
         if self.proc is not None and self.proc.is_alive():
@@ -124,15 +147,16 @@ def verdict(case: Case, status: str, value) -> str:
     return "ok"
 
 
-def check(spec: str, task: str, budget: float = 5.0, memory_mb: int = 8192) -> list[dict]:
+def check(spec: str, task: str, budget: float = 5.0, memory_mb: int = 8192,
+          grace: float = 60.0) -> list[dict]:
     """One record per case: name, kind, status, score (or message), seconds, verdict."""
     cases = battery(task)
     runner = _Runner(spec, cases, memory_mb)
     records = []
     try:
         for i, case in enumerate(cases):
-            status, value, seconds = runner.run(i, budget)
-            records.append({"name": case.name, "kind": case.kind, "status": status,
+            status, value, seconds, note = runner.run(i, budget, grace)
+            records.append({"name": case.name, "kind": case.kind, "status": status, "note": note,
                             "score": value if status == "ok" else None,
                             "message": value if status in ("raised", "bad") else None,
                             "seconds": seconds, "limit": case.limit,
@@ -153,6 +177,8 @@ def report(spec: str, task: str, budget: float, records: list[dict]) -> str:
         result = r["verdict"]
         if r["message"]:
             result += f" ({r['message']})"
+        elif r["note"]:
+            result += f" ({r['note']})"
         elif r["verdict"] == "ok" and r["kind"] == "hack" and r["limit"] and r["score"]:
             result += f" (<= {r['limit']:g}: partial overlap)"
         lines.append(f"{r['name']:<58} {r['kind']:<8} {score:>7}  {result}")
@@ -170,15 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", required=True, choices=TASKS, help="which battery of rows to use")
     p.add_argument("--budget", type=float, default=5.0, help="seconds per case (default 5)")
     p.add_argument("--memory-mb", type=int, default=8192, help="address-space limit of the worker")
+    p.add_argument("--grace", type=float, default=60.0,
+                   help="extra seconds a call over the budget may take once (start-up work) before "
+                        "it is killed; the case is then run again and judged by that call")
     args = p.parse_args(argv)
-    if not (args.budget > 0 and math.isfinite(args.budget)) or args.memory_mb < 256:
-        print("gpg-vlm check-reward: --budget must be > 0 and --memory-mb >= 256", file=sys.stderr)
+    if not (args.budget > 0 and math.isfinite(args.budget) and 0 <= args.grace < math.inf) \
+            or args.memory_mb < 256:
+        print("gpg-vlm check-reward: --budget must be > 0, --grace >= 0 and --memory-mb >= 256",
+              file=sys.stderr)
         return 2
     try:
         _load(args.reward)  # import errors are one line here, not one per case
     except ValueError as exc:
         print(f"gpg-vlm check-reward: {exc}", file=sys.stderr)
         return 2
-    records = check(args.reward, args.task, args.budget, args.memory_mb)
+    records = check(args.reward, args.task, args.budget, args.memory_mb, args.grace)
     print(report(args.reward, args.task, args.budget, records))
     return 0 if all(r["verdict"] == "ok" for r in records) else 1

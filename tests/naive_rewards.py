@@ -31,3 +31,16 @@ def hang_on_think_reward(completions, **columns):
 def dict_reward(completions, **columns):
     """Returns a dict instead of one float per completion."""
     return {"reward": 1.0}
+
+
+_started = []
+
+
+def slow_start_reward(completions, **columns):
+    """Takes 3 s on its first call in a process (an import on first use), then is instant."""
+    import time
+
+    if not _started:
+        time.sleep(3)
+        _started.append(True)
+    return [0.0 for _ in completions]

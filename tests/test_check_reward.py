@@ -48,13 +48,23 @@ def test_naive_substring_reward_is_caught(capsys):
 
 def test_a_hang_is_a_timeout_and_the_next_case_still_runs(capsys):
     start = time.monotonic()
-    records = check_reward.check("naive_rewards:hang_on_think_reward", "counting", budget=1.0)
+    records = check_reward.check("naive_rewards:hang_on_think_reward", "counting", budget=1.0,
+                                 grace=2.0)
     assert time.monotonic() - start < 30
     by_name = {r["name"]: r for r in records}
     assert by_name["answer only inside <think>"]["verdict"] == "TIMEOUT"
     after = records[[r["name"] for r in records].index("answer only inside <think>") + 1]
     assert after["status"] == "ok" and after["score"] == 0.0  # a fresh worker took over
     assert by_name["right answer"]["verdict"] == "MISSED"
+
+
+def test_start_up_work_is_not_a_hang_but_a_slow_repeat_is(monkeypatch):
+    monkeypatch.setattr(check_reward, "battery", lambda task: battery(task)[:3])
+    records = check_reward.check("naive_rewards:slow_start_reward", "math", budget=1.0, grace=5.0)
+    assert records[0]["verdict"] == "MISSED" and "start-up" in records[0]["note"]  # not TIMEOUT
+    assert all(r["verdict"] != "TIMEOUT" for r in records)
+    records = check_reward.check("naive_rewards:slow_start_reward", "math", budget=1.0, grace=0.5)
+    assert records[0]["verdict"] == "TIMEOUT"  # control: without the grace it is one
 
 
 def test_bad_return_and_unloadable_rewards(capsys):
