@@ -24,7 +24,9 @@ The six families and what their tiny versions keep of the real ones (transformer
   the real 1:2 ratio of key to value heads and the real convolution kernel of 4. qwen3_5_moe adds
   the routed experts and the gated shared expert of Qwen3.5-MoE. Their tokenizer is the
   Qwen3.5 tokenizer class (its own pre-tokenizer), and their chat template has the Qwen3
-  thinking switch in the generation prompt (`enable_thinking`, on unless set to false).
+  thinking switch in the generation prompt (`enable_thinking`, on unless set to false). Their
+  linear-attention heads get decay rates from long to short memory instead of transformers'
+  random draw (`_spread_linear_attention_memory`).
 
 Deliberately left out: pretrained weights of any kind (nothing is downloaded) and video
 processing (the trainer is image-only).
@@ -347,6 +349,8 @@ def make_tiny_model(family: str, size: str, out: str | os.PathLike, seed: int = 
     model_cls = getattr(transformers, MODEL_CLASSES[family])
     torch.manual_seed(seed)
     model = model_cls(config).eval()
+    if family in HYBRID:
+        _spread_linear_attention_memory(model)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -373,6 +377,25 @@ def make_tiny_model(family: str, size: str, out: str | os.PathLike, seed: int = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _spread_linear_attention_memory(model) -> None:
+    """Give the Gated DeltaNet heads decay rates from long to short memory.
+
+    transformers draws A = exp(A_log) from U(0.01, 16): with a tiny model's two heads both can
+    land above 1, and then the recurrent state forgets a token within one or two steps, so a
+    prompt's state would not depend on the prompt beyond its last tokens (which every prompt
+    shares: the template's assistant header). Trained models keep long-memory heads; here A
+    runs geometrically from 1e-3 (a memory of hundreds of tokens) to 1 over each layer's heads,
+    with no random draw.
+    """
+    import torch
+
+    for module in model.modules():
+        a_log = getattr(module, "A_log", None)
+        if isinstance(a_log, torch.nn.Parameter):
+            with torch.no_grad():
+                a_log.copy_(torch.linspace(-3.0, 0.0, a_log.numel()) * torch.log(torch.tensor(10.0)))
 
 
 def main(argv: list[str]) -> int:

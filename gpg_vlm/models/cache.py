@@ -63,6 +63,14 @@ def is_indexable(cache) -> bool:
     return True
 
 
+def model_cache_indexable(model) -> bool:
+    """Whether the cache `model`'s decoder builds (a DynamicCache from its text config, as the
+    Qwen-VL decoders build theirs) is made only of layer types this module can move."""
+    from transformers.cache_utils import DynamicCache
+
+    return is_indexable(DynamicCache(config=model.config.get_text_config()))
+
+
 def _apply(cache, fn: Callable[[torch.Tensor], torch.Tensor], fresh_recurrent: bool) -> None:
     check_indexable(cache)
     kinds = _layer_kinds()
@@ -93,4 +101,5 @@ def select(cache, rows: torch.Tensor, for_backward: bool = False) -> None:
     _apply(cache, lambda t: t.index_select(0, rows.to(t.device)), fresh_recurrent=for_backward)
 
 
-__all__ = ["CacheNotIndexable", "check_indexable", "is_indexable", "repeat", "select"]
+__all__ = ["CacheNotIndexable", "check_indexable", "is_indexable", "model_cache_indexable", "repeat",
+           "select"]
