@@ -14,10 +14,12 @@ checkpoint's vision config; the adapter refuses a mismatch):
 - Qwen3.5 / Qwen3.5-MoE (transformers Qwen3_5VisionConfig / Qwen3_5MoeVisionConfig: patch_size 16,
   spatial_merge_size 2; processing_auto maps both to Qwen3VLProcessor, whose tokens are the ones
   below): boxes in 0-1000 ("Qwen3-VL and 3.5 use a relative coordinate system ... normalized to
-  a 0-1000 range", agent.viscover.site/knowledge/qwen3-coordinate-system). Their chat template
-  ends the generation prompt with an open `<think>` block unless `enable_thinking` is false;
-  the trainer's prompts ask for `<think> </think><answer> </answer>` in the completion itself,
-  so the template is rendered with enable_thinking=false (`template_kwargs`).
+  a 0-1000 range", agent.viscover.site/knowledge/qwen3-coordinate-system). Their chat templates
+  take Qwen3's `enable_thinking` switch (Qwen3.5 served with chat_template_kwargs
+  {"enable_thinking": ...}, e.g. the Qwen3.5-4B-FP8 model page; the Qwen3.5-0.8B card: "operates
+  in non-thinking mode by default"); a real template file was not available offline to check
+  more. The trainer's prompts ask for `<think> </think><answer> </answer>` in the completion
+  itself, so the template is rendered with enable_thinking=false (`template_kwargs`).
 - MoE families: the router's load-balancing auxiliary loss is NOT added to the GPG loss (the
   training forward runs the decoder without router logits), so the objective stays the paper's
   plain policy gradient. The cost: nothing holds the expert load balanced during RL (not
