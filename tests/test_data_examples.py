@@ -3,7 +3,6 @@ example files, and its table of planted mistakes is what `load_rows` reports."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
