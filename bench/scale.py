@@ -76,8 +76,12 @@ def noise_reward(completions: list[str], **columns) -> list[float]:
     return [zlib.crc32(c.encode("utf-8", "replace")) / 2 ** 32 for c in completions]
 
 
-def recipe_runs(configs: Path = ROOT / "configs") -> dict[str, ScaleRun]:
-    """shape -> the run of the first recipe (by file name) that uses that model."""
+def recipe_runs(configs: Path = ROOT / "configs", skipped: list | None = None) -> dict[str, ScaleRun]:
+    """shape -> the run of the first recipe (by file name) that uses that model.
+
+    A recipe whose model has no real shape here is left out and appended to `skipped` as
+    "file: reason".
+    """
     import yaml
 
     runs: dict[str, ScaleRun] = {}
@@ -87,8 +91,10 @@ def recipe_runs(configs: Path = ROOT / "configs") -> dict[str, ScaleRun]:
         shape = next((s for m, s in MODEL_SHAPES.items() if name.startswith(m + "-") or name == m),
                      None)
         if shape is None:
-            raise ValueError(f"{path}: model {cfg.get('model')!r} is not a known real shape "
-                             f"({', '.join(MODEL_SHAPES)})")
+            if skipped is not None:
+                skipped.append(f"{path.name}: model {cfg.get('model')!r} has no real shape here "
+                               f"({', '.join(MODEL_SHAPES)})")
+            continue
         if shape in runs:
             continue
         runs[shape] = ScaleRun(
@@ -280,7 +286,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         return _worker(args.worker)
-    runs = recipe_runs()
+    skipped: list[str] = []
+    runs = recipe_runs(skipped=skipped)
+    for line in skipped:
+        print(f"gpg-vlm bench scale: skipped {line}", file=sys.stderr)
     only = args.only or list(runs)
     unknown = [s for s in only if s not in runs]
     if unknown:
@@ -295,7 +304,7 @@ def main(argv: list[str]) -> int:
                           "image_pixels": args.image_pixels, "threads": args.threads})
         models.append(run_shape(run, cache, log))
     report = {"command": "gpg-vlm bench scale " + " ".join(argv), "machine": machine(),
-              "models": models}
+              "models": models, "skipped_recipes": skipped}
     output = Path(args.output or RESULTS / "scale.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")

@@ -225,6 +225,9 @@ class Trainer:
             time_reward=got.reward_seconds, time_train=time.perf_counter() - t1, time_step=step_time,
             tokens_per_second=int(got.rollout.completion_mask.sum()) * procs.world / max(step_time, 1e-9),
             peak_memory_mb=peak_memory_mb(),
+            # "shared_prefix", or "full_rows" (gradient checkpointing, or a cache the adapter
+            # cannot index): which training forward ran
+            training_forward=self.adapter.training_forward,
         )
         return metrics
 

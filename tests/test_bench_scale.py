@@ -18,14 +18,12 @@ def test_every_recipe_names_a_real_shape_with_its_own_settings():
     assert geoqa.prompts == 1 and geoqa.completion_tokens == 32  # the stated reductions
 
 
-def test_an_unknown_model_in_a_recipe_is_named(tmp_path):
+def test_a_recipe_without_a_real_shape_is_skipped_and_named(tmp_path):
     (tmp_path / "x.yaml").write_text("model: /m/Llava-7B\ngroup_size: 8\n")
-    try:
-        scale.recipe_runs(tmp_path)
-    except ValueError as exc:
-        assert "x.yaml: model '/m/Llava-7B' is not a known real shape" in str(exc)
-    else:
-        raise AssertionError("no error")
+    skipped = []
+    assert scale.recipe_runs(tmp_path, skipped) == {}
+    assert skipped == ["x.yaml: model '/m/Llava-7B' has no real shape here "
+                       "(Qwen2-VL-2B, Qwen2.5-VL-3B)"]
 
 
 def test_cli_dispatch_and_a_bad_only(capsys):

@@ -26,6 +26,7 @@ from gpg_vlm.data import DataError, load_benchmark, load_rows
 from gpg_vlm.data.images import FORMATS, MAX_ASPECT_RATIO, image_size, open_image
 from gpg_vlm.data.limits import MAX_JSON_DEPTH, check_prompts, parse_json, prompt_counter
 from gpg_vlm.data.schema import CONTROL_TOKENS
+from helpers import make_config  # fm_data, the fixture it pairs with, is in conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -496,8 +497,6 @@ def test_parsing_limits_in_score(tmp_path):
 
 
 # ---- wired into the trainer and `gpg-vlm eval` -----------------------------------------------
-
-from test_train import fm_data, make_config  # noqa: E402,F401 - fm_data is a fixture
 
 PLANTED_REWARDS = '''
 from gpg_vlm.rewards import reasoning_reward
