@@ -3,7 +3,8 @@
 A checkpoint `OUTPUT/checkpoint-STEP/` holds the model and processor files
 (`save_pretrained`, loadable by `gpg-vlm eval` or transformers directly), `optimizer.pt`
 (optimizer and scheduler state, loaded with `torch.load(weights_only=True)`) and
-`trainer_state.json` (step, data position, RNG states from `rng_state`, config). It is written into a hidden
+`trainer_state.json` (step, data position, RNG states from `rng_state`, config, the run id and
+its lineage: see gpg_vlm.run_folder). It is written into a hidden
 temporary folder and renamed into place, so a process killed while saving leaves the previous
 checkpoint untouched; `latest_checkpoint` only ever returns complete ones.
 

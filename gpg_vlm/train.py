@@ -15,6 +15,11 @@ old-log-prob pass and GRPO's ratio is 1 at the update); completions whose advant
 are not run through the training forward under GPG (their gradient is exactly zero); the
 reference model exists only where kl_beta is > 0 (GRPO's default; opt-in for the others).
 
+What is never lost: the main process locks output_dir and settles which run owns it
+(gpg_vlm.run_folder) before any model loads; an error after step k saves step k (unless the disk
+failed) and prints the resume command; SIGTERM, SIGINT and SIGHUP finish the step and save; a
+second Ctrl-C stops at once; an update that leaves a non-finite weight stops the run unsaved.
+
 This module holds the loop and the choices it makes; the numbers it moves between processes
 (gpg_vlm.dist), where they are written (gpg_vlm.run_log), what a checkpoint holds
 (gpg_vlm.checkpoint, gpg_vlm.lora) and what a row means (gpg_vlm.tasks) live beside it.
