@@ -135,6 +135,7 @@ class Trainer:
         if cfg.epochs is not None:
             self.max_steps = max(1, math.ceil(cfg.epochs * len(self.rows) / cfg.prompts_per_step))
         self.step = self.nonfinite = self.saved_step = 0
+        self.weights_bad = False  # set when an update left non-finite weights: nothing more is saved
         self.train_seconds = 0.0  # training time only: evaluation and saving are not counted
         self.stop_requested = None
         # printed when a signal stops the run; `main` replaces it with the exact command line
@@ -178,6 +179,7 @@ class Trainer:
                 refused = exc
         if self.procs.main_decides(refused is not None):  # every process stops, not only the main
             raise refused or RunFolderError(f"{self.out}: refused by the main process (see its message)")
+
     def _load_rows(self) -> None:
         cfg = self.cfg
         self.rows = load_rows(cfg.data, on_bad_row=cfg.on_bad_row)
@@ -333,8 +335,9 @@ class Trainer:
 
     def _check_weights(self) -> None:
         """Stop, saving nothing of this step, when the update left a NaN or infinite weight."""
-        with torch.no_grad():
-            bad = [i for i, p in enumerate(self.params) if not bool(torch.isfinite(p).all())]
+        with torch.no_grad():  # one device sync for all tensors
+            finite = torch.stack([torch.isfinite(p).all() for p in self.params]).cpu()  # (P,)
+        bad = (~finite).nonzero().flatten().tolist()
         if not self.procs.sum(len(bad)):
             return
         self.weights_bad = True  # these weights are never saved
@@ -396,7 +399,7 @@ class Trainer:
         others (in a multi-process run, only when that is the main process).
         """
         k = self.good_state["step"]
-        if not self.procs.is_main or k == 0 or getattr(self, "weights_bad", False):
+        if not self.procs.is_main or k == 0 or self.weights_bad:
             return
         if isinstance(exc, CheckpointError) or getattr(exc, "errno", None) in _DISK_ERRNOS:
             self.run_log.say(f"not saving after a disk error; the last checkpoint is "
