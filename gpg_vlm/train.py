@@ -136,6 +136,7 @@ class Trainer:
             self.max_steps = max(1, math.ceil(cfg.epochs * len(self.rows) / cfg.prompts_per_step))
         self.step = self.nonfinite = self.saved_step = 0
         self.weights_bad = False  # set when an update left non-finite weights: nothing more is saved
+        self.mid_update = False
         self.train_seconds = 0.0  # training time only: evaluation and saving are not counted
         self.stop_requested = None
         # printed when a signal stops the run; `main` replaces it with the exact command line
@@ -293,6 +294,7 @@ class Trainer:
             out["entropy"] = procs.sum(entropy) / procs.world
         if math.isfinite(out["loss"]) and math.isfinite(grad_norm):
             self.optimizer.step()
+            self.mid_update = True  # weights of step k+1, state of step k until the step ends
             self._check_weights()
             self.rollout.sync_weights(self.adapter.model)
             out["updated"], self.nonfinite = True, 0
@@ -374,6 +376,7 @@ class Trainer:
                 self.train_seconds += time.perf_counter() - t
                 metrics["train_seconds"] = self.train_seconds
                 self.step += 1
+                self.mid_update = False
                 self.good_state = self._state()  # the step is complete: this is what a save holds
                 run_log.log(metrics)
                 if self._after_step():
@@ -400,6 +403,10 @@ class Trainer:
         """
         k = self.good_state["step"]
         if not self.procs.is_main or k == 0 or self.weights_bad:
+            return
+        if self.mid_update:  # the weights moved past step k: a save would mix two steps
+            self.run_log.say(f"not saving: the error came after step {k + 1}'s update; the last "
+                             f"checkpoint is {self.out / f'checkpoint-{self.saved_step}' if self.saved_step else 'none'}")
             return
         if isinstance(exc, CheckpointError) or getattr(exc, "errno", None) in _DISK_ERRNOS:
             self.run_log.say(f"not saving after a disk error; the last checkpoint is "

@@ -445,3 +445,21 @@ def test_lora_target_modules_the_model_lacks_are_one_line(tiny_dirs, fm_data, tm
     code, err = train(capsys, config, "lora_target_modules=[q_proj, qkv_projection]")
     assert code == 2
     assert_one_line(err, "'lora_target_modules'", "qkv_projection", "q_proj")
+
+
+def test_claim_and_repair_without_a_model(tmp_path):
+    """The folder rules on their own: a run that never saved may be resumed (from step 0), not
+    started again by accident; metrics past the resumed step and a partial line are set aside."""
+    from gpg_vlm.run_folder import RunFolderError, claim
+    from gpg_vlm.run_log import repair_metrics
+
+    said = []
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n{"st')
+    with pytest.raises(RunFolderError, match="already holds a run \\(metrics.jsonl\\)"):
+        claim(tmp_path, None, None, resuming=False, overwrite=False, say=said.append)
+    lineage, _ = claim(tmp_path, None, None, resuming=True, overwrite=False, say=said.append)
+    assert len(lineage) == 1 and not said
+    assert repair_metrics(tmp_path / "metrics.jsonl", 1) == (1, 1)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+    assert (tmp_path / "metrics.dropped.jsonl").read_text() == '{"step": 2, "loss": 0.25}\n{"st\n'
+    assert repair_metrics(tmp_path / "metrics.jsonl", 1) == (0, 0)  # nothing more to do
