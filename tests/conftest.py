@@ -7,7 +7,7 @@ by far more than the tolerances the tests use.
 
 import pytest
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl_moe")
 TEST_INIT_STD = 0.2
 
 

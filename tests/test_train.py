@@ -209,3 +209,5 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_dirs, fm_data, tmp_path
     ckpt = Trainer(make_config(tiny_dirs, fm_data, tmp_path / "b", max_steps=1,
                                gradient_checkpointing=True)).train()
     assert losses(plain) and abs(losses(plain)[0] - losses(ckpt)[0]) < 1e-5
+    forward = [[h["training_forward"] for h in run if "loss" in h] for run in (plain, ckpt)]
+    assert forward == [["shared_prefix"], ["full_rows"]]  # recorded in the metrics
