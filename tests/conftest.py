@@ -7,8 +7,10 @@ by far more than the tolerances the tests use.
 """
 
 import socket
+import sys
 
 import pytest
+import torch
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl_moe")
 TEST_INIT_STD = 0.2
@@ -63,3 +65,40 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# rewards the config can name as planted_rewards:NAME (written into a folder on sys.path)
+PLANTED_REWARDS = '''
+calls = [0]
+
+def huge_reward(completions, **columns):
+    """1e308 is finite in float64 but inf in float32: the advantages, then the loss, are NaN."""
+    return [1e308 if len(c) % 2 == 0 else 0.0 for c in completions]
+
+def huge_once_reward(completions, **columns):
+    calls[0] += 1
+    if calls[0] == 1:
+        return huge_reward(completions)
+    return [float(len(c) % 2 == 0) for c in completions]
+'''
+
+
+@pytest.fixture
+def planted(tmp_path, monkeypatch):
+    """A folder on sys.path (and PYTHONPATH for subprocesses) holding planted_rewards.py."""
+    folder = tmp_path / "planted"
+    folder.mkdir()
+    (folder / "planted_rewards.py").write_text(PLANTED_REWARDS)
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop("planted_rewards", None)
+    yield folder
+    sys.modules.pop("planted_rewards", None)
+
+
+@pytest.fixture
+def one_thread():
+    """Runs compared with a subprocess (OMP_NUM_THREADS=1) use one thread here too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,13 +7,19 @@ fixtures live in conftest.py.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
+import torch
+import yaml
 from PIL import Image
 
+from gpg_vlm.cli import main as cli
 from gpg_vlm.config import TrainConfig
+from gpg_vlm.models.batch import Sample
 
 
 def png(path: Path, value: int = 128, size=(16, 12), mode="RGB") -> str:
@@ -53,3 +59,68 @@ def make_config(tiny_dirs, fm_data, out, **changes):
 
 def losses(history):
     return [h["loss"] for h in history if "loss" in h]
+
+
+def env(*paths) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), *map(str, paths), os.environ.get("PYTHONPATH", "")]))
+
+
+def write_config(path: Path, cfg) -> Path:
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    """`gpg-vlm ARGV` in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    code = cli(list(map(str, argv)))
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(err: str, *needles: str) -> None:
+    """stderr's message line starts with the command and names every needle; no traceback."""
+    assert "Traceback" not in err, err
+    lines = [l for l in err.splitlines() if l.startswith("gpg-vlm ")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    """Step -> loss; a step run again after a resume overwrites the first record."""
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+TOL = 1e-4
+
+
+def noise_image(width, height, seed):
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def mixed_samples():
+    """Different image sizes, a text-only prompt, a two-image prompt, a system prompt."""
+    return [
+        Sample("What is this item?", [noise_image(56, 56, 1)]),
+        Sample("Compare the two.", [noise_image(84, 56, 2), noise_image(56, 112, 3)],
+               system="Answer briefly."),
+        Sample("No image here, just text."),
+        Sample("Where is the bag?", [noise_image(150, 100, 4)]),
+    ]

@@ -5,10 +5,8 @@ controls show that a real mistake (another image, scrambled patches, missing
 mm_token_type_ids) moves the log-probs by far more than that.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from gpg_vlm.models.adapter import AdapterError, VLMAdapter
 from gpg_vlm.models.batch import PromptBatch, Rollout, Sample, micro_batches
@@ -16,25 +14,7 @@ from gpg_vlm.models.family import FAMILIES
 from gpg_vlm.models.forward import _activation_checkpointing, policy_scores
 from gpg_vlm.rollout import make_engine
 from gpg_vlm.rollout.hf import _filter_top_k_top_p
-
-TOL = 1e-4
-
-
-def noise_image(width, height, seed):
-    rng = np.random.RandomState(seed)
-    return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def mixed_samples():
-    """Different image sizes, a text-only prompt, a two-image prompt, a system prompt."""
-    return [
-        Sample("What is this item?", [noise_image(56, 56, 1)]),
-        Sample("Compare the two.", [noise_image(84, 56, 2), noise_image(56, 112, 3)],
-               system="Answer briefly."),
-        Sample("No image here, just text."),
-        Sample("Where is the bag?", [noise_image(150, 100, 4)]),
-    ]
-
+from helpers import TOL, mixed_samples, noise_image
 
 def generate(adapter, batch, group_size, **options) -> Rollout:
     """Completions sampled by the hf rollout engine, which shares the adapter's model."""

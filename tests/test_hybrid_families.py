@@ -13,7 +13,7 @@ from gpg_vlm.models import cache as cache_ops
 from gpg_vlm.models.batch import Sample
 from gpg_vlm.rollout import make_engine
 
-from test_adapter import TOL, mixed_samples, noise_image
+from helpers import TOL, mixed_samples, noise_image
 
 REPEAT, SELECT = cache_ops.repeat, cache_ops.select  # the real ones, before any monkeypatch
 

@@ -29,97 +29,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from gpg_vlm.cli import main as cli
-from helpers import bomb_png, losses, make_config, png, write_jsonl
+from helpers import (assert_one_line, assert_same_weights, bomb_png, env, losses, make_config, png,
+                     records, run, step_losses, weights, write_config, write_jsonl)
 
 TESTS = Path(__file__).parent
 PACKAGE = TESTS.parent / "gpg_vlm"
-
-# rewards the config can name as planted_rewards:NAME (written into a folder on sys.path)
-PLANTED_REWARDS = '''
-calls = [0]
-
-def huge_reward(completions, **columns):
-    """1e308 is finite in float64 but inf in float32: the advantages, then the loss, are NaN."""
-    return [1e308 if len(c) % 2 == 0 else 0.0 for c in completions]
-
-def huge_once_reward(completions, **columns):
-    calls[0] += 1
-    if calls[0] == 1:
-        return huge_reward(completions)
-    return [float(len(c) % 2 == 0) for c in completions]
-'''
-
-
-@pytest.fixture
-def planted(tmp_path, monkeypatch):
-    """A folder on sys.path (and PYTHONPATH for subprocesses) holding planted_rewards.py."""
-    folder = tmp_path / "planted"
-    folder.mkdir()
-    (folder / "planted_rewards.py").write_text(PLANTED_REWARDS)
-    monkeypatch.syspath_prepend(str(folder))
-    sys.modules.pop("planted_rewards", None)
-    yield folder
-    sys.modules.pop("planted_rewards", None)
-
-
-@pytest.fixture
-def one_thread():
-    """Runs compared with a subprocess (OMP_NUM_THREADS=1) use one thread here too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def env(*paths) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join([str(TESTS), *map(str, paths), os.environ.get("PYTHONPATH", "")]))
-
-
-def write_config(path: Path, cfg) -> Path:
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    return path
-
-
-def run(capsys, *argv) -> tuple[int, str]:
-    """`gpg-vlm ARGV` in this process: (exit code, stderr)."""
-    capsys.readouterr()
-    code = cli(list(map(str, argv)))
-    return code, capsys.readouterr().err
-
-
-def assert_one_line(err: str, *needles: str) -> None:
-    """stderr's message line starts with the command and names every needle; no traceback."""
-    assert "Traceback" not in err, err
-    lines = [l for l in err.splitlines() if l.startswith("gpg-vlm ")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def step_losses(out: Path) -> dict[int, float]:
-    """Step -> loss; a step run again after a resume overwrites the first record."""
-    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
-
-
-def weights(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
 
 # ---- faults ---------------------------------------------------------------------------------
 

@@ -31,9 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_reliability import (assert_one_line, env, one_thread, planted, records, run,  # noqa: F401
-                              step_losses, weights, write_config)
-from test_train import fm_data, losses, make_config  # noqa: F401 - fixtures
+from helpers import (assert_one_line, env, losses, make_config, records, run, step_losses, weights,
+                     write_config)
 
 RAISING_REWARDS = '''
 import os
