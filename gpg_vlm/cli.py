@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("gpg_vlm.data.prepare", "build the Fashion-MNIST task suite as JSONL + PNG"),
     "train": ("gpg_vlm.train", "GPG / GRPO / Dr.GRPO training from a YAML config"),
     "eval": ("gpg_vlm.evaluate", "evaluate a checkpoint on a benchmark"),
+    "export": ("gpg_vlm.export", "write a checkpoint as a plain Hugging Face / PEFT folder"),
     "score": ("gpg_vlm.score", "score pre-generated completions with the training rewards"),
     "demo": ("gpg_vlm.demo", "CPU demo: warm-up, then GPG on Fashion-MNIST"),
     "bench": ("gpg_vlm.bench", "side-by-side speed and memory benchmark against TRL"),
