@@ -29,7 +29,7 @@ import json
 import shlex
 import signal
 import sys
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import torch
@@ -306,12 +306,14 @@ def run(args, argv: list[str]) -> int:
     if len(done) < len(rows):
         adapter = _load(args, values)
         try:
-            with stop_signals() as holding, open(samples, "a", encoding="utf-8") as journal:
-                for batch in scored_batches(
-                        adapter, rows, values["prompt_template"], max_new_tokens=values["max_new_tokens"],
-                        temperature=temperature, completions=args.completions, seed=args.seed,
-                        token_budget=args.token_budget, skip=set(done), extract=args.extract,
-                        progress=True):
+            batches = scored_batches(
+                adapter, rows, values["prompt_template"], max_new_tokens=values["max_new_tokens"],
+                temperature=temperature, completions=args.completions, seed=args.seed,
+                token_budget=args.token_budget, skip=set(done), extract=args.extract, progress=True)
+            # closing: the progress bar ends before the stop message is printed
+            with stop_signals() as holding, open(samples, "a", encoding="utf-8") as journal, \
+                    closing(batches):
+                for batch in batches:
                     lines = [sample_line(i, rows[i], item, args.extract) for i, item in batch]
                     with holding():  # whole lines only: a signal waits for the write to end
                         journal.write("".join(json.dumps(x, ensure_ascii=False, default=str) + "\n"

@@ -122,8 +122,8 @@ def scored_batches(adapter, rows, prompt_template: str, *, max_new_tokens: int, 
     plan = plan_batches(lengths, token_budget, completions, max_new_tokens)
     todo = [(k, batch) for k, batch in enumerate(plan) if not set(batch) <= set(skip)]
     engine = make_engine("hf", adapter)
-    bar = tqdm(total=sum(len(b) for _, b in todo), disable=not progress, desc="eval")
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(total=sum(len(b) for _, b in todo), disable=not progress,
+                               desc="eval") as bar:
         for k, batch_rows in todo:
             chunk = [rows[i] for i in batch_rows]
             batch = adapter.encode(samples_of(chunk, prompt_template))
@@ -145,7 +145,6 @@ def scored_batches(adapter, rows, prompt_template: str, *, max_new_tokens: int, 
                                 "prompt": batch.texts[j]}))
             bar.update(len(out))
             yield out
-    bar.close()
 
 
 def evaluate_rows(adapter, rows, prompt_template: str, max_new_tokens: int = 64,
