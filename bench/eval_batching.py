@@ -77,11 +77,12 @@ def main() -> None:
             times[name].append(seconds)
     reference = outputs["one row per call"]
     base = statistics.median(times["one row per call"])
+    old = statistics.median(times["8 rows in file order"])
     for name in ways:
         median = statistics.median(times[name])
         same = "same completions" if outputs[name] == reference else "COMPLETIONS DIFFER"
         print(f"{name:>24}: {median:7.2f} s  ({len(rows) / median:6.1f} rows/s, "
-              f"{base / median:5.2f}x one-per-call; {same})")
+              f"{base / median:5.2f}x one-per-call, {old / median:4.2f}x 8-in-order; {same})")
 
 
 if __name__ == "__main__":

@@ -173,3 +173,23 @@ def test_eval_takes_a_lora_checkpoint_as_trained_and_equals_its_export(lora_run,
                             "--max-new-tokens", "7", "--min-pixels", "3136", "--max-pixels", "12544")
     assert [s["completions"] for s in base_samples] != [s["completions"] for s in samples]
     capsys.readouterr()
+
+
+def test_the_trainer_resumes_from_the_peft_format_and_the_old_one(lora_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from gpg_vlm.lora import PEFT_PREFIX, WEIGHTS_FILE, load_lora
+
+    base, ckpt, logits = lora_run
+    weights = load_file(str(ckpt / WEIGHTS_FILE))
+    assert weights and all(k.startswith(PEFT_PREFIX) for k in weights)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({k.removeprefix(PEFT_PREFIX): v for k, v in weights.items()}, str(old / WEIGHTS_FILE))
+    for folder in (ckpt, old):
+        adapter = VLMAdapter.from_pretrained(base, device="cpu")
+        add_lora(adapter.model, SimpleNamespace(model=str(base), lora_r=4, lora_alpha=16, lora_dropout=0.0,
+                                                lora_target_modules=("q_proj", "v_proj")))
+        load_lora(adapter.model, folder)
+        with torch.no_grad():
+            assert torch.allclose(adapter.model(input_ids=IDS).logits, logits, atol=1e-6)
