@@ -124,3 +124,42 @@ def test_a_torn_last_line_is_dropped_and_a_bad_middle_line_named(tmp_path, capsy
     path.write_text('{"doc_id": 7}\n')
     with pytest.raises(EvalError, match="doc_id 7 outside the 5 rows"):
         read_samples(path, 5)
+
+
+def test_ctrl_c_to_a_running_eval_prints_a_command_that_finishes_it(tiny_dirs, tmp_path):
+    """A real SIGINT to a `gpg-vlm eval` process once its first row is on disk; the printed
+    command, run as printed, completes it, keeping the rows already written."""
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    from gpg_vlm.data.prepare import main as prepare
+
+    assert prepare(["fashion-mnist", "--out", str(tmp_path / "fm"), "--train-size", "1",
+                    "--test-size", "30", "--tasks", "classification"]) == 0
+    data, out = tmp_path / "fm" / "classification_test.jsonl", tmp_path / "res"
+    args = ["--model", str(tiny_dirs("qwen2_vl")), "--benchmark", "jsonl", "--data", str(data),
+            "--max-new-tokens", "64", "--token-budget", "1"]
+    cli = [sys.executable, "-m", "gpg_vlm.cli"]
+    proc = subprocess.Popen([*cli, "eval", *args, "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    samples = out / "samples_jsonl.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if samples.is_file() and samples.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "stopped by SIGINT after" in err
+    before = samples.read_text().splitlines()
+    assert 1 <= len(before) < 30  # stopped part-way, whole lines only
+    command = err.split("continue with:\n")[1].strip().splitlines()[0]
+    assert command.startswith("gpg-vlm eval ")
+    resumed = subprocess.run([*cli, *shlex.split(command)[1:]], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = samples.read_text().splitlines()
+    assert after[:len(before)] == before and sorted(json.loads(x)["doc_id"] for x in after) == list(range(30))
+    assert json.loads((out / "results.json").read_text())["n-samples"]["jsonl"]["effective"] == 30
+    # (that a resumed run's numbers equal an uninterrupted run's is the SIGTERM test above)
