@@ -2,8 +2,9 @@
 
 OUT/samples_TASK.jsonl: one line per row, written as soon as its batch finishes (the resume
 journal too): doc_id (row index), id (where the row came from), input (the prompt as the model
-saw it), target, completions, extracted (the answer each completion gives), rewards, reward (their
-mean), mode (the extraction), category, truncated.
+saw it), target, completions, extracted (the answer each completion gives) and extracted_by (the
+extraction step that found it), rewards, reward (their mean), mode (strict or lenient), category,
+truncated.
 
 OUT/results.json: {"results": {TASK: {"alias", "METRIC,none", "METRIC_stderr,none", ...},
 "TASK/FIELD=VALUE": {...}, ...}, "group_subtasks", "configs": {TASK: the settings used and where
@@ -97,6 +98,7 @@ def sample_line(index: int, row, item: dict, mode: str) -> dict:
     """The samples_TASK.jsonl record of one row."""
     return {"doc_id": index, "id": row.source, "input": item["prompt"], "target": row.solution,
             "completions": item["completions"], "extracted": item["extracted"],
+            "extracted_by": item["extracted_by"],
             "rewards": item["rewards"], "reward": item["reward"], "mode": mode,
             "category": item["category"], "truncated": item["truncated"]}
 
@@ -137,7 +139,8 @@ def markdown(task: str, payload: dict) -> str:
         e = res[name]
         lines.append(f"| {name[len(task) + 1:]} | {e['n']} | {pct(e['accuracy,none'])} | "
                      f"{pct(e['accuracy_stderr,none'])} |")
-    lines += ["", "Accuracy is the mean training reward (for grounding rows: the mean IoU)."]
+    lines += ["", "Accuracy is the mean training reward (for grounding rows: the mean IoU); answers "
+              f"read by {payload['configs'][task]['extract']} extraction."]
     if "official_total,none" in head:
         lines.append("CV-Bench official_total = (2D + 3D) / 2 (dataset card); accuracy = micro average.")
     return "\n".join(lines) + "\n"

@@ -39,7 +39,7 @@ from gpg_vlm.data.loading import check_images
 from gpg_vlm.eval_results import markdown, results_file, sample_line, write_json
 from gpg_vlm.export import ExportError, load_adapter, training_settings
 from gpg_vlm.models.adapter import AdapterError
-from gpg_vlm.tasks import DEFAULT_TOKEN_BUDGET, EXTRACT_MODES, aggregate, scored_batches
+from gpg_vlm.tasks import DEFAULT_TOKEN_BUDGET, EXTRACT_MODES, aggregate, fitting_rows, scored_batches
 
 
 # ----------------------------------------------------------------------------- gpg-vlm eval
@@ -72,7 +72,11 @@ def load_eval_rows(benchmark: str, data: str, image_root: str | None = None,
     """
     if benchmark not in BENCHMARK_NAMES:
         raise EvalError(f"unknown benchmark {benchmark!r}; valid names: {', '.join(BENCHMARK_NAMES)}")
-    if not Path(data).exists():
+    try:
+        found = Path(data).exists()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        raise EvalError(f"data {str(data)[:200]}: cannot use this path: {exc}") from None
+    if not found:
         raise EvalError(f"data {data}: no such file or folder")
     try:
         if benchmark in SCHEMA_FILES:
@@ -113,6 +117,8 @@ def _parser():
                    help="0 is greedy; default 0 with one completion, 1.0 with K > 1")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="completion length limit (default: the checkpoint's, else 256)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="a longer prompt is a bad row (default: the model's context length minus --max-new-tokens)")
     p.add_argument("--prompt-template", default=None,
                    help="user text, {problem} is replaced (default: the checkpoint's, else the GPG one)")
     p.add_argument("--min-pixels", type=int, default=None, help="image pixel floor (default: the checkpoint's)")
@@ -120,7 +126,9 @@ def _parser():
     p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
                    help="padded tokens (prompt + completion, all rows) per generate call")
     p.add_argument("--extract", choices=EXTRACT_MODES, default="strict",
-                   help="answer extraction: strict is the training reward's")
+                   help="answer extraction: strict (default) is the training reward's; lenient also reads "
+                        "boxed answers, final-answer phrases and the last line, for models that ignore "
+                        "the answer format (eval/README.md)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype; auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler (K > 1)")
@@ -135,7 +143,8 @@ def _check_args(args) -> float:
         raise EvalError("--samples was renamed to --completions (K completions per row)")
     if args.old_batch_size is not None:
         raise EvalError("--batch-size was replaced by --token-budget (batches are sized by tokens)")
-    for name in ("limit", "max_new_tokens", "completions", "token_budget", "min_pixels", "max_pixels"):
+    for name in ("limit", "max_new_tokens", "max_prompt_tokens", "completions", "token_budget",
+                 "min_pixels", "max_pixels"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -305,6 +314,11 @@ def run(args, argv: list[str]) -> int:
     print(f"settings: {', '.join(f'{k} from {v}' for k, v in sources.items())}", file=sys.stderr)
     if len(done) < len(rows):
         adapter = _load(args, values)
+        try:  # prompts too long for the model, or holding its special tokens: one line, no traceback
+            fitting_rows(adapter, rows, values["prompt_template"], args.max_prompt_tokens,
+                         values["max_new_tokens"])
+        except DataError as exc:
+            raise EvalError(str(exc)) from None
         try:
             batches = scored_batches(
                 adapter, rows, values["prompt_template"], max_new_tokens=values["max_new_tokens"],

@@ -1,7 +1,8 @@
 """Dataset rows as the model and the rewards see them, for training and evaluation alike.
 
 `samples_of` turns rows into prompts (the template around the problem, the row's images);
-`reward_columns` builds the per-completion columns every reward receives; `row_category` is
+`reward_columns` builds the per-completion columns every reward receives; `fitting_rows` keeps
+the rows whose prompts the loaded model can take (data.limits); `row_category` is
 the group a row is reported under; `evaluate_rows` scores rows greedily (or sampled) with the
 accuracy reward, overall and per category, built on `scored_batches`, which the evaluation
 command also uses to write items as they finish. The trainer and the evaluator both import this
@@ -23,10 +24,11 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
+from gpg_vlm.data.limits import check_prompts, prompt_counter, special_tokens_of
 from gpg_vlm.models.batch import Sample
 from gpg_vlm.resize import smart_resize
 from gpg_vlm.rewards import accuracy_reward
-from gpg_vlm.rewards.answer import extract_answer
+from gpg_vlm.rewards.extract import MODES as EXTRACT_MODES, as_tagged, extract
 from gpg_vlm.rollout import make_engine
 
 
@@ -60,6 +62,20 @@ def reward_columns(rows, batch, prompt_index: list[int], box_format: str) -> dic
     return columns
 
 
+def fitting_rows(adapter, rows, prompt_template: str, max_prompt_tokens: int | None,
+                 max_new_tokens: int, on_bad_row: str = "error"):
+    """The rows whose prompts this model can take: no special token of its tokenizer, at most
+    `max_prompt_tokens` tokens (None: its context length minus `max_new_tokens`). Others are
+    bad rows (DataError naming the row, or skipped and counted under on_bad_row="skip")."""
+    limit = max_prompt_tokens
+    if limit is None:
+        context = getattr(adapter.model.config.get_text_config(), "max_position_embeddings", None)
+        limit = context - max_new_tokens if context else None
+    count = prompt_counter(adapter.tokenizer, prompt_template, adapter.factor, adapter.min_pixels,
+                           adapter.max_pixels)
+    return check_prompts(rows, count, limit, special_tokens_of(adapter.tokenizer), on_bad_row)
+
+
 def samples_of(rows, prompt_template: str) -> list[Sample]:
     """One prompt (a `Sample`) per dataset row: the template around the problem, the row's images."""
     return [Sample(prompt_template.replace("{problem}", r.problem), r.load_images(), r.system)
@@ -70,16 +86,17 @@ def samples_of(rows, prompt_template: str) -> list[Sample]:
 # (28 layers, 4 KV heads of 128, bf16: 56 KiB a token) at 32768 tokens is 1.8 GiB, small beside
 # the weights, while a call still holds dozens of image prompts
 DEFAULT_TOKEN_BUDGET = 32768
-EXTRACT_MODES = ("strict",)  # the reward's own extraction; a lenient mode plugs in at `extracted`
 
 
 def prompt_tokens(adapter, row, prompt_template: str) -> int:
     """The number of tokens `adapter.encode` gives the row's prompt, from image headers only."""
     sample = Sample(prompt_template.replace("{problem}", row.problem), [None] * len(row.images),
                     row.system)
+    # rendered as adapter.encode renders it (tests/test_eval_batching.py checks they agree per family)
     text = adapter.tokenizer.apply_chat_template(adapter.messages(sample), tokenize=False,
                                                  chat_template=adapter.chat_template,
-                                                 add_generation_prompt=True)
+                                                 add_generation_prompt=True,
+                                                 **dict(adapter.facts.template_kwargs))
     n = len(adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
     for width, height in row.image_sizes:  # each placeholder becomes the image's merged patches
         h, w = smart_resize(height, width, adapter.factor, adapter.min_pixels, adapter.max_pixels)
@@ -106,11 +123,22 @@ def plan_batches(lengths: list[int], token_budget: int, completions: int,
     return batches + [current] if current else batches
 
 
-def extracted(texts: list[str], mode: str = "strict") -> list[str | None]:
-    """The answer each completion gives, as the reward reads it (None: no answer found)."""
+def extraction_kind(row) -> str:
+    """The kind gpg_vlm.rewards.extract reads a row's completions as (its last-line step differs)."""
+    if row.task == "reasoning":
+        return "choice" if row.choices else "math"
+    return row.task if row.task in ("classification", "grounding") else "math"
+
+
+def extracted(texts: list[str], rows: list, mode: str = "strict") -> tuple[list, list, list[str]]:
+    """(answer per completion or None, the extraction step that found it, the texts the reward
+    scores). Strict scores the completions as they are, exactly as in training; lenient scores
+    the answer it found, wrapped in answer tags, so the reward and its normalisation stay the same."""
     if mode not in EXTRACT_MODES:
         raise ValueError(f"unknown extraction mode {mode!r}; valid: {', '.join(EXTRACT_MODES)}")
-    return [extract_answer(t) for t in texts]
+    found = [extract(t, mode, extraction_kind(r)) for t, r in zip(texts, rows)]
+    scored = texts if mode == "strict" else [as_tagged(answer) for answer, _ in found]
+    return [a for a, _ in found], [step for _, step in found], scored
 
 
 def scored_batches(adapter, rows, prompt_template: str, *, max_new_tokens: int, temperature: float = 0.0,
@@ -119,7 +147,8 @@ def scored_batches(adapter, rows, prompt_template: str, *, max_new_tokens: int, 
     """Yield, per generate call, a list of (row index, item) for the rows not in `skip`.
 
     An item is {"category", "reward" (mean over the K completions), "rewards", "completions",
-    "extracted", "truncated", "prompt"}. Batch k samples with a generator seeded (seed, k).
+    "extracted", "extracted_by", "truncated", "prompt"}; `extract` is "strict" (the training
+    reward's reading) or "lenient" (gpg_vlm.rewards.extract, for models that ignore the format). Batch k samples with a generator seeded (seed, k).
     """
     lengths = [prompt_tokens(adapter, row, prompt_template) for row in rows]
     plan = plan_batches(lengths, token_budget, completions, max_new_tokens)
@@ -134,9 +163,8 @@ def scored_batches(adapter, rows, prompt_template: str, *, max_new_tokens: int, 
             rollout = engine.generate(batch, completions, max_new_tokens=max_new_tokens,
                                       temperature=temperature, generator=generator)
             index = rollout.prompt_index.tolist()
-            scores = accuracy_reward(rollout.texts, **reward_columns(chunk, batch, index,
-                                                                     adapter.box_format))
-            answers = extracted(rollout.texts, extract)
+            answers, steps, scored = extracted(rollout.texts, [chunk[p] for p in index], extract)
+            scores = accuracy_reward(scored, **reward_columns(chunk, batch, index, adapter.box_format))
             out = []
             for j, (i, row) in enumerate(zip(batch_rows, chunk)):
                 mine = [n for n, p in enumerate(index) if p == j]  # this row's K completions
@@ -144,6 +172,7 @@ def scored_batches(adapter, rows, prompt_template: str, *, max_new_tokens: int, 
                 out.append((i, {"category": row_category(row), "reward": sum(rewards) / len(rewards),
                                 "rewards": rewards, "completions": [rollout.texts[n] for n in mine],
                                 "extracted": [answers[n] for n in mine],
+                                "extracted_by": [steps[n] for n in mine],
                                 "truncated": [bool(rollout.truncated[n]) for n in mine],
                                 "prompt": batch.texts[j]}))
             bar.update(len(out))

@@ -199,3 +199,25 @@ def test_input_errors_are_one_line_exit_2(case, tiny_dirs, tmp_path, capsys):
         assert "--samples was renamed to --completions" in io.err
     assert io.err.startswith("gpg-vlm eval: ") and len(io.err.strip().splitlines()) == 1
     assert "Traceback" not in io.err and not (tmp_path / "res").exists()
+
+
+def test_extraction_modes_reach_the_reward_and_the_files(tiny_dirs, fm_mixed, tmp_path, capsys):
+    from gpg_vlm.tasks import extracted
+
+    rows = [SimpleNamespace(task="reasoning", choices=None), SimpleNamespace(task="reasoning", choices=["a", "b"]),
+            SimpleNamespace(task="classification", choices=None)]
+    texts = ["So the total is 12.\nTherefore, the answer is 40.", "The correct option is (B).",
+             "<think>maybe a bag</think><answer>sneaker</answer>"]
+    answers, steps, scored = extracted(texts, rows, "strict")
+    assert answers == [None, None, "sneaker"] and scored == texts  # strict: the training reward's reading
+    answers, steps, scored = extracted(texts, rows, "lenient")
+    assert answers == ["40", "(B)", "sneaker"] and steps == ["phrase", "phrase", "tag"]
+    assert scored[0] == "<answer>40</answer>"
+    out = tmp_path / "res"
+    code, io = run_eval(capsys, "--model", str(tiny_dirs("qwen2_vl")), "--benchmark", "jsonl", "--data",
+                        str(fm_mixed), "--limit", "2", "--max-new-tokens", "3", "--extract", "lenient",
+                        "--out", str(out))
+    assert code == 0, io.err
+    assert json.loads((out / "results.json").read_text())["configs"]["jsonl"]["extract"] == "lenient"
+    assert all(s["mode"] == "lenient" and len(s["extracted_by"]) == 1 for s in read_samples(out / "samples_jsonl.jsonl"))
+    assert "lenient extraction" in (out / "results.md").read_text()
