@@ -309,34 +309,17 @@ def run(args, argv: list[str]) -> int:
     rows, total = load_eval_rows(args.benchmark, args.data, args.image_root, args.limit)
     samples = out / f"samples_{args.benchmark}.jsonl"
     done = read_samples(samples, len(rows)) if previous is not None else {}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / RUN_FILE, settings)
-    print(f"settings: {', '.join(f'{k} from {v}' for k, v in sources.items())}", file=sys.stderr)
     if len(done) < len(rows):
-        adapter = _load(args, values)
-        try:  # prompts too long for the model, or holding its special tokens: one line, no traceback
-            fitting_rows(adapter, rows, values["prompt_template"], args.max_prompt_tokens,
-                         values["max_new_tokens"])
-        except DataError as exc:
-            raise EvalError(str(exc)) from None
         try:
-            batches = scored_batches(
-                adapter, rows, values["prompt_template"], max_new_tokens=values["max_new_tokens"],
-                temperature=temperature, completions=args.completions, seed=args.seed,
-                token_budget=args.token_budget, skip=set(done), extract=args.extract, progress=True)
-            # closing: the progress bar ends before the stop message is printed
-            with stop_signals() as holding, open(samples, "a", encoding="utf-8") as journal, \
-                    closing(batches):
-                for batch in batches:
-                    lines = [sample_line(i, rows[i], item, args.extract) for i, item in batch]
-                    with holding():  # whole lines only: a signal waits for the write to end
-                        journal.write("".join(json.dumps(x, ensure_ascii=False, default=str) + "\n"
-                                              for x in lines))
-                        journal.flush()
-                    done.update((x["doc_id"], x) for x in lines)
+            with stop_signals() as holding:
+                _generate(args, values, temperature, rows, done, out, settings, holding)
         except Stopped as stop:
-            print(f"gpg-vlm eval: stopped by {stop} after {len(done)} of {len(rows)} rows (kept in "
-                  f"{samples}); continue with:\n  {resume_command(argv, out)}", file=sys.stderr)
+            if (out / RUN_FILE).is_file():
+                note = f"after {len(done)} of {len(rows)} rows (kept in {samples}); continue with:\n  " \
+                       f"{resume_command(argv, out)}"
+            else:
+                note = "before any row was written (nothing to resume)"
+            print(f"gpg-vlm eval: stopped by {stop} {note}", file=sys.stderr)
             return 130 if str(stop) == "SIGINT" else 143
     items = [done[i] for i in range(len(rows))]
     payload = results_file(args.benchmark, rows, items, settings, total)
@@ -344,6 +327,36 @@ def run(args, argv: list[str]) -> int:
     (out / "results.md").write_text(markdown(args.benchmark, payload), encoding="utf-8")
     _print_summary(args.benchmark, payload, aggregate(items, args.completions), out)
     return 0
+
+
+def _generate(args, values: dict, temperature: float, rows, done: dict, out: Path, settings: dict,
+              holding) -> None:
+    """Load the model, then score the unfinished rows, appending each batch's lines to the
+    samples file and to `done`. OUT and its run.json appear only once the model has loaded, so a
+    model that fails to load leaves no folder to refuse next time."""
+    adapter = _load(args, values)
+    try:  # prompts too long for the model, or holding its special tokens: one line, no traceback
+        fitting_rows(adapter, rows, values["prompt_template"], args.max_prompt_tokens,
+                     values["max_new_tokens"])
+    except DataError as exc:
+        raise EvalError(str(exc)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RUN_FILE, settings)
+    print("settings: " + ", ".join(f"{k} from {v}" for k, v in settings["settings_from"].items()),
+          file=sys.stderr)
+    batches = scored_batches(
+        adapter, rows, values["prompt_template"], max_new_tokens=values["max_new_tokens"],
+        temperature=temperature, completions=args.completions, seed=args.seed,
+        token_budget=args.token_budget, skip=set(done), extract=args.extract, progress=True)
+    # closing: the progress bar ends before a stop message is printed
+    with open(out / f"samples_{args.benchmark}.jsonl", "a", encoding="utf-8") as journal, closing(batches):
+        for batch in batches:
+            lines = [sample_line(i, rows[i], item, args.extract) for i, item in batch]
+            with holding():  # whole lines only: a signal waits for the write to end
+                journal.write("".join(json.dumps(x, ensure_ascii=False, default=str) + "\n"
+                                      for x in lines))
+                journal.flush()
+            done.update((x["doc_id"], x) for x in lines)
 
 
 def _print_summary(task: str, payload: dict, result: dict, out: Path) -> None:

@@ -179,9 +179,11 @@ def test_precision_column_only_when_a_row_has_it():
 
 @pytest.mark.parametrize("case", ["no_model", "unknown_benchmark", "unreadable_data", "missing_data",
                                   "missing_image", "old_samples_flag",
-                                  "old_batch_size_flag", "resume_nothing"])
-def test_input_errors_are_one_line_exit_2(case, tiny_dirs, tmp_path, capsys):
-    model, data = str(tiny_dirs("qwen2_vl")), tmp_path / "d.jsonl"
+                                  "old_batch_size_flag", "resume_nothing", "broken_model"])
+def test_input_errors_are_one_line_exit_2(case, tiny_dirs, fm_mixed, tmp_path, capsys):
+    model, data, fm = str(tiny_dirs("qwen2_vl")), tmp_path / "d.jsonl", fm_mixed
+    (tmp_path / "broken").mkdir()  # fails only when loaded: no folder may be left to refuse later
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "qwen2_vl"}')
     data.write_text('{"image": "missing.png", "problem": "p", "solution": "x", "task": "classification"}\n')
     args = {"no_model": ["--model", str(tmp_path / "none"), "--benchmark", "jsonl", "--data", str(data)],
             "unknown_benchmark": ["--model", model, "--benchmark", "mmmu", "--data", str(data)],
@@ -192,7 +194,8 @@ def test_input_errors_are_one_line_exit_2(case, tiny_dirs, tmp_path, capsys):
                                  "--samples", "3"],
             "old_batch_size_flag": ["--model", model, "--benchmark", "jsonl", "--data", str(data),
                                     "--batch-size", "3"],
-            "resume_nothing": ["--model", model, "--benchmark", "jsonl", "--data", str(data), "--resume"]}[case]
+            "resume_nothing": ["--model", model, "--benchmark", "jsonl", "--data", str(data), "--resume"],
+            "broken_model": ["--model", str(tmp_path / "broken"), "--benchmark", "jsonl", "--data", str(fm)]}[case]
     code, io = run_eval(capsys, *args, "--out", str(tmp_path / "res"))
     assert code == 2
     if case == "old_samples_flag":
