@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("gpg_vlm.data.prepare", "build the Fashion-MNIST task suite as JSONL + PNG"),
     "train": ("gpg_vlm.train", "GPG / GRPO / Dr.GRPO training from a YAML config"),
     "eval": ("gpg_vlm.evaluate", "evaluate a checkpoint on a benchmark"),
+    "export": ("gpg_vlm.export", "write a checkpoint as a plain Hugging Face / PEFT folder"),
     "score": ("gpg_vlm.score", "score pre-generated completions with the training rewards"),
     "check-reward": ("gpg_vlm.check_reward", "run a reward function over known hacks and edge cases"),
     "demo": ("gpg_vlm.demo", "CPU demo: warm-up, then GPG on Fashion-MNIST"),

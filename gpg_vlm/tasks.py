@@ -4,8 +4,15 @@
 `reward_columns` builds the per-completion columns every reward receives; `fitting_rows` keeps
 the rows whose prompts the loaded model can take (data.prompts); `row_category` is
 the group a row is reported under; `evaluate_rows` scores rows greedily (or sampled) with the
-accuracy reward, overall and per category. The trainer and the evaluator both import this module and
-neither imports the other, so a training reward and an evaluation metric cannot drift apart.
+accuracy reward, overall and per category, built on `scored_batches`, which the evaluation
+command also uses to write items as they finish. The trainer and the evaluator both import this
+module and neither imports the other, so a training reward and an evaluation metric cannot drift apart.
+
+Generation is batched by a token budget (`plan_batches`): rows are sorted by prompt length
+(measured from the image headers, nothing decoded) and packed into generate calls whose padded
+size, completions x rows x (longest prompt + max_new_tokens), stays within the budget. The plan
+depends only on the rows and the settings, and each batch samples with its own seed, so a resumed
+evaluation that skips finished batches produces the same completions as an uninterrupted one.
 
 Deliberately left out: loading rows (gpg_vlm.data) and the rewards themselves (gpg_vlm.rewards).
 """
@@ -19,7 +26,9 @@ from tqdm.auto import tqdm
 
 from gpg_vlm.data.prompts import check_prompts, prompt_counter, special_tokens_of
 from gpg_vlm.models.batch import Sample
+from gpg_vlm.resize import smart_resize
 from gpg_vlm.rewards import accuracy_reward
+from gpg_vlm.rewards.extract import MODES as EXTRACT_MODES, as_tagged, extract
 from gpg_vlm.rollout import make_engine
 
 
@@ -73,36 +82,128 @@ def samples_of(rows, prompt_template: str) -> list[Sample]:
             for r in rows]
 
 
-def evaluate_rows(adapter, rows, prompt_template: str, max_new_tokens: int = 64,
-                  batch_size: int = 32, temperature: float = 0.0, completions: int = 1,
-                  generator=None, progress: bool = False) -> dict:
-    """Accuracy (mean accuracy reward) overall and per category; greedy unless temperature > 0.
+# padded tokens per generate call (prompt + completion, all rows): the KV cache of Qwen2.5-VL-7B
+# (28 layers, 4 KV heads of 128, bf16: 56 KiB a token) at 32768 tokens is 1.8 GiB, small beside
+# the weights, while a call still holds dozens of image prompts
+DEFAULT_TOKEN_BUDGET = 32768
 
-    With `completions` = K > 1 (and temperature > 0) each row is sampled K times and also scored
-    pass@K (any of the K completions correct).
+
+def prompt_tokens(adapter, row, prompt_template: str) -> int:
+    """The number of tokens `adapter.encode` gives the row's prompt, from image headers only."""
+    sample = Sample(prompt_template.replace("{problem}", row.problem), [None] * len(row.images),
+                    row.system)
+    # rendered as adapter.encode renders it (tests/test_eval_batching.py checks they agree per family)
+    text = adapter.tokenizer.apply_chat_template(adapter.messages(sample), tokenize=False,
+                                                 chat_template=adapter.chat_template,
+                                                 add_generation_prompt=True,
+                                                 **dict(adapter.facts.template_kwargs))
+    n = len(adapter.tokenizer(text, add_special_tokens=False)["input_ids"])
+    for width, height in row.image_sizes:  # each placeholder becomes the image's merged patches
+        h, w = smart_resize(height, width, adapter.factor, adapter.min_pixels, adapter.max_pixels)
+        n += (h // adapter.factor) * (w // adapter.factor) - 1
+    return n
+
+
+def plan_batches(lengths: list[int], token_budget: int, completions: int,
+                 max_new_tokens: int) -> list[list[int]]:
+    """Row indices per generate call, longest prompts first (a memory error shows at once).
+
+    A batch of n rows costs completions * n * (its longest prompt + max_new_tokens) padded
+    tokens; rows join a batch while that stays <= token_budget. A row that alone exceeds the
+    budget still gets a batch of its own.
     """
-    totals, counts, passes = defaultdict(float), defaultdict(int), defaultdict(float)
-    items = []
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]  # sorted: the first is the longest
+        if current and completions * (len(current) + 1) * (longest + max_new_tokens) > token_budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def extraction_kind(row) -> str:
+    """The kind gpg_vlm.rewards.extract reads a row's completions as (its last-line step differs)."""
+    if row.task == "reasoning":
+        return "choice" if row.choices else "math"
+    return row.task if row.task in ("classification", "grounding") else "math"
+
+
+def extracted(texts: list[str], rows: list, mode: str = "strict") -> tuple[list, list, list[str]]:
+    """(answer per completion or None, the extraction step that found it, the texts the reward
+    scores). Strict scores the completions as they are, exactly as in training; lenient scores
+    the answer it found, wrapped in answer tags, so the reward and its normalisation stay the same."""
+    if mode not in EXTRACT_MODES:
+        raise ValueError(f"unknown extraction mode {mode!r}; valid: {', '.join(EXTRACT_MODES)}")
+    found = [extract(t, mode, extraction_kind(r)) for t, r in zip(texts, rows)]
+    scored = texts if mode == "strict" else [as_tagged(answer) for answer, _ in found]
+    return [a for a, _ in found], [step for _, step in found], scored
+
+
+def scored_batches(adapter, rows, prompt_template: str, *, max_new_tokens: int, temperature: float = 0.0,
+                   completions: int = 1, seed: int = 0, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                   skip=frozenset(), extract: str = "strict", progress: bool = False):
+    """Yield, per generate call, a list of (row index, item) for the rows not in `skip`.
+
+    An item is {"category", "reward" (mean over the K completions), "rewards", "completions",
+    "extracted", "extracted_by", "truncated", "prompt"}; `extract` is "strict" (the training
+    reward's reading) or "lenient" (gpg_vlm.rewards.extract, for models that ignore the format). Batch k samples with a generator seeded (seed, k).
+    """
+    lengths = [prompt_tokens(adapter, row, prompt_template) for row in rows]
+    plan = plan_batches(lengths, token_budget, completions, max_new_tokens)
+    todo = [(k, batch) for k, batch in enumerate(plan) if not set(batch) <= set(skip)]
     engine = make_engine("hf", adapter)
-    with torch.no_grad():
-        for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="eval"):
-            chunk = rows[start:start + batch_size]
+    with torch.no_grad(), tqdm(total=sum(len(b) for _, b in todo), disable=not progress,
+                               desc="eval") as bar:
+        for k, batch_rows in todo:
+            chunk = [rows[i] for i in batch_rows]
             batch = adapter.encode(samples_of(chunk, prompt_template))
+            generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + k)
             rollout = engine.generate(batch, completions, max_new_tokens=max_new_tokens,
                                       temperature=temperature, generator=generator)
             index = rollout.prompt_index.tolist()
-            scores = accuracy_reward(rollout.texts, **reward_columns(chunk, batch, index,
-                                                                     adapter.box_format))
-            for k, row in enumerate(chunk):
-                mine = [s for i, s in zip(index, scores) if i == k]
-                texts = [t for i, t in zip(index, rollout.texts) if i == k]
-                mean = sum(mine) / len(mine)
-                for key in ("all", row_category(row)):
-                    totals[key] += mean
-                    counts[key] += 1
-                    passes[key] += float(max(mine) >= 1.0)
-                items.append({"source": row.source, "category": row_category(row),
-                              "reward": mean, "rewards": mine, "completions": texts})
+            answers, steps, scored = extracted(rollout.texts, [chunk[p] for p in index], extract)
+            scores = accuracy_reward(scored, **reward_columns(chunk, batch, index, adapter.box_format))
+            out = []
+            for j, (i, row) in enumerate(zip(batch_rows, chunk)):
+                mine = [n for n, p in enumerate(index) if p == j]  # this row's K completions
+                rewards = [float(scores[n]) for n in mine]
+                out.append((i, {"category": row_category(row), "reward": sum(rewards) / len(rewards),
+                                "rewards": rewards, "completions": [rollout.texts[n] for n in mine],
+                                "extracted": [answers[n] for n in mine],
+                                "extracted_by": [steps[n] for n in mine],
+                                "truncated": [bool(rollout.truncated[n]) for n in mine],
+                                "prompt": batch.texts[j]}))
+            bar.update(len(out))
+            yield out
+
+
+def evaluate_rows(adapter, rows, prompt_template: str, max_new_tokens: int = 64,
+                  temperature: float = 0.0, completions: int = 1, seed: int = 0,
+                  token_budget: int = DEFAULT_TOKEN_BUDGET, progress: bool = False) -> dict:
+    """Accuracy (mean accuracy reward) overall and per category; greedy unless temperature > 0.
+
+    With `completions` = K > 1 (and temperature > 0) each row is sampled K times and also scored
+    pass@K (any of the K completions correct). `items` are in row order.
+    """
+    found = {}
+    for batch in scored_batches(adapter, rows, prompt_template, max_new_tokens=max_new_tokens,
+                                temperature=temperature, completions=completions, seed=seed,
+                                token_budget=token_budget, progress=progress):
+        found.update(batch)
+    items = [dict(found[i], source=row.source) for i, row in enumerate(rows)]
+    return aggregate(items, completions)
+
+
+def aggregate(items: list[dict], completions: int) -> dict:
+    """{"accuracy", "n", "accuracy/CATEGORY"..., "pass@K" (K > 1), "items"} of scored items."""
+    totals, counts, passes = defaultdict(float), defaultdict(int), defaultdict(float)
+    for item in items:
+        for key in ("all", item["category"]):
+            totals[key] += item["reward"]
+            counts[key] += 1
+            passes[key] += float(max(item["rewards"]) >= 1.0)
     result = {"accuracy": totals["all"] / max(1, counts["all"]), "n": counts["all"]}
     for key in sorted(k for k in counts if k != "all"):
         result[f"accuracy/{key}"] = totals[key] / counts[key]
