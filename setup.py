@@ -14,7 +14,7 @@ setup(
         # A range GPU users can meet; CPU installs pin 2.13.0 through constraints.txt.
         "torch>=2.4,<3",
         # The adapter is written against the transformers 5 Qwen-VL classes.
-        "transformers>=5.23,<6",
+        "transformers>=5.18,<6",
         "accelerate>=1.0",
         "qwen-vl-utils>=0.0.14",
         "pillow>=10",
