@@ -16,7 +16,7 @@ What is equal between the variants:
   `gradient_accumulation_steps = steps_per_generation`, so it needs no old-log-prob pass either);
 - the completion length: forced to exactly T tokens. TRL: `max_completion_length = T` and
   `generation_kwargs = {"min_new_tokens": T}` (transformers then sets the EOS logits to -inf for
-  the first T tokens). Ours: `max_new_tokens = T` and `adapter.generate(min_new_tokens=T)`, which
+  the first T tokens). Ours: `max_new_tokens = T` and `HFRollout.generate(min_new_tokens=T)`, which
   does the same. The bench fails unless every completion of every step has exactly T tokens;
 - the sampled vocabulary: both suppress the five vision tokens;
 - the training micro-batch: TRL runs `micro_batch_completions` completions per forward
@@ -63,9 +63,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpg_vlm.models.family import VISION_TOKENS
+
 VARIANTS = ("gpg", "grpo", "trl_beta0", "trl_beta004")
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
-                 "<|video_pad|>")
 README_START = "<!-- bench-results:start -->"
 README_END = "<!-- bench-results:end -->"
 
@@ -192,14 +192,14 @@ def _run_ours(spec: dict) -> dict:
         tensorboard=False, seed=w.seed)
     trainer = Trainer(cfg)
     prompt_tokens: list[list[int]] = []
-    generate = functools.partial(trainer.adapter.generate, min_new_tokens=T)
+    generate = functools.partial(trainer.rollout.generate, min_new_tokens=T)
 
     def forced_generate(batch, group_size, **kwargs):  # every completion exactly T tokens
         prompt_tokens.extend(ids[mask.bool()].tolist()
                              for ids, mask in zip(batch.input_ids, batch.attention_mask))
         return generate(batch, group_size, **kwargs)
 
-    trainer.adapter.generate = forced_generate
+    trainer.rollout.generate = forced_generate
     setup_mb = _rss_mb()
     steps = []
     for _ in range(w.warmup_steps + w.steps):
@@ -233,10 +233,10 @@ def _trl_processor(model_dir: str):
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-    from gpg_vlm.adapter import _read_chat_template
+    from gpg_vlm.models.adapter import read_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    template = _read_chat_template(Path(model_dir), tokenizer)
+    template = read_chat_template(Path(model_dir), tokenizer)
     return ImageOnlyQwen2VLProcessor(AutoImageProcessor.from_pretrained(model_dir), tokenizer,
                                      chat_template=template)
 
@@ -355,7 +355,7 @@ def _spawn(variant: str, spec: dict, scratch: Path) -> dict:
 # ------------------------------------------------------------------ set-up and report
 def prepare(w: Workload, cache: Path) -> tuple[Path, Path, int]:
     """(model dir, data JSONL, longest prompt in tokens), built once and cached."""
-    from gpg_vlm.adapter import VLMAdapter
+    from gpg_vlm.models.adapter import VLMAdapter
     from gpg_vlm.data import load_rows, save_jsonl
     from gpg_vlm.data.fashion_mnist import build_tasks
     from gpg_vlm.evaluate import samples_of

@@ -136,7 +136,7 @@ def warm_up(model_dir: Path, train_file: Path, out: Path, task: str, settings: D
     """Supervised format warm-up on random labels; the result is a checkpoint directory."""
     import torch
 
-    from gpg_vlm.adapter import VLMAdapter
+    from gpg_vlm.models.adapter import VLMAdapter
     from gpg_vlm.data import load_rows
     from gpg_vlm.evaluate import samples_of
     from gpg_vlm.checkpoint import copy_processor_files

@@ -62,7 +62,7 @@ def reward_columns(rows, batch, prompt_index: list[int], box_format: str) -> dic
 
 def samples_of(rows, prompt_template: str):
     """Adapter samples for dataset rows: the template around the problem, the row's images."""
-    from gpg_vlm.adapter import Sample
+    from gpg_vlm.models.batch import Sample
 
     return [Sample(prompt_template.replace("{problem}", r.problem), r.load_images(), r.system)
             for r in rows]
@@ -80,15 +80,17 @@ def evaluate_rows(adapter, rows, prompt_template: str, max_new_tokens: int = 64,
     from tqdm.auto import tqdm
 
     from gpg_vlm.rewards import accuracy_reward
+    from gpg_vlm.rollout import make_engine
 
     totals, counts, passes = defaultdict(float), defaultdict(int), defaultdict(float)
     items = []
+    engine = make_engine("hf", adapter)
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="eval"):
             chunk = rows[start:start + batch_size]
             batch = adapter.encode(samples_of(chunk, prompt_template))
-            rollout = adapter.generate(batch, samples, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, generator=generator)
+            rollout = engine.generate(batch, samples, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, generator=generator)
             index = rollout.prompt_index.tolist()
             scores = accuracy_reward(rollout.texts, **reward_columns(chunk, batch, index,
                                                                      adapter.box_format))
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = load_eval_rows(args.benchmark, args.data, args.image_root, args.limit)
         import torch
 
-        from gpg_vlm.adapter import AdapterError, VLMAdapter
+        from gpg_vlm.models.adapter import AdapterError, VLMAdapter
 
         dtype = args.dtype
         if dtype == "auto":

@@ -36,6 +36,7 @@ import torch
 
 from gpg_vlm import algo
 from gpg_vlm.config import ConfigError, TrainConfig
+from gpg_vlm.models.batch import micro_batches
 
 log = logging.getLogger("gpg_vlm.train")
 
@@ -75,7 +76,8 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
-        from gpg_vlm.adapter import VLMAdapter
+        from gpg_vlm.models.adapter import VLMAdapter
+        from gpg_vlm.rollout import make_engine
         from gpg_vlm.data import load_rows
         from gpg_vlm.rewards import accuracy_reward, resolve_reward
 
@@ -122,7 +124,9 @@ class Trainer:
                                            betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
         # the training forward and the optimizer go through accelerate together (DDP here;
         # FSDP / DeepSpeed configs in configs/accelerate wrap the same pair)
-        self.adapter.scorer, self.optimizer = self.acc.prepare(self.adapter.scorer, self.optimizer)
+        scorer, self.optimizer = self.acc.prepare(self.adapter.scorer, self.optimizer)
+        self.adapter.set_scorer(scorer)
+        self.rollout = make_engine("hf", self.adapter)
         self.sample_gen = torch.Generator(device="cpu").manual_seed(
             cfg.seed * 1000 + self.acc.process_index)
         self.stream = PromptStream(len(self.rows), cfg.seed)
@@ -142,7 +146,7 @@ class Trainer:
     def _setup_trainable(self, model) -> list:
         cfg = self.cfg
         if cfg.freeze_vision:
-            model.model.visual.requires_grad_(False)
+            self.adapter.freeze_vision()
         if cfg.lora_r:
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -153,11 +157,7 @@ class Trainer:
             inject_adapter_in_model(lora, model)
             self.lora_config = lora
         if cfg.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5.2x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = True  # generation still uses the KV cache
+            self.adapter.enable_gradient_checkpointing()
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -205,7 +205,7 @@ class Trainer:
 
     def collect(self):
         """Sample, score and select this process's N / world_size groups (beta_th resampling)."""
-        from gpg_vlm.adapter import PromptBatch, Rollout
+        from gpg_vlm.models.batch import PromptBatch, Rollout
 
         cfg, G = self.cfg, self.cfg.group_size
         chunks, tries = [], 0
@@ -213,7 +213,7 @@ class Trainer:
             rows = [self.rows[i] for i in self.stream.take(self.n_local)]
             batch = self.adapter.encode(self.samples(rows))
             with self._full_parameters():
-                rollout = self.adapter.generate(batch, G, max_new_tokens=cfg.max_new_tokens,
+                rollout = self.rollout.generate(batch, G, max_new_tokens=cfg.max_new_tokens,
                                                 temperature=cfg.temperature, top_p=cfg.top_p,
                                                 top_k=cfg.top_k, generator=self.sample_gen)
             t = time.perf_counter()
@@ -301,6 +301,7 @@ class Trainer:
                 metrics["entropy"] = self._sum_over_processes(entropy) / world
             if math.isfinite(loss_total) and math.isfinite(grad_norm):
                 self.optimizer.step()
+                self.rollout.sync_weights(self.adapter.model)
                 updated = True
                 self.nonfinite = 0
             else:
@@ -333,8 +334,8 @@ class Trainer:
         else:
             zero = False
         rollout_rows = rollout.select(train_rows, rollout.prompt_index[train_rows])
-        groups = self.adapter.micro_batches(batch, rollout_rows.prompt_index,
-                                            rollout_rows.completion_mask, cfg.micro_batch_tokens)
+        groups = micro_batches(batch, rollout_rows.prompt_index,
+                               rollout_rows.completion_mask, cfg.micro_batch_tokens)
         total, entropy_sum = 0.0, 0.0
         for k, idx in enumerate(groups):
             rows = train_rows[idx]
@@ -680,7 +681,7 @@ def main(argv: list[str]) -> int:
         args.overrides.append(args.resume)
         args.resume = "latest"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from gpg_vlm.adapter import AdapterError
+    from gpg_vlm.models.adapter import AdapterError
     from gpg_vlm.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint
     from gpg_vlm.data import DataError
 

@@ -31,7 +31,7 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def adapters(tiny_dirs):
     """family -> a loaded VLMAdapter (fp32, CPU), loaded on first use."""
-    from gpg_vlm.adapter import VLMAdapter
+    from gpg_vlm.models.adapter import VLMAdapter
 
     loaded = {}
 

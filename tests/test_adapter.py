@@ -10,9 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from gpg_vlm.adapter import AdapterError, PromptBatch, Rollout, Sample, VLMAdapter, _filter_top_k_top_p
+from gpg_vlm.models.adapter import AdapterError, VLMAdapter
+from gpg_vlm.models.batch import PromptBatch, Rollout, Sample, micro_batches
+from gpg_vlm.models.family import FAMILIES
+from gpg_vlm.models.forward import _activation_checkpointing, policy_scores
+from gpg_vlm.rollout import make_engine
+from gpg_vlm.rollout.hf import _filter_top_k_top_p
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 TOL = 1e-4
 
 
@@ -32,6 +36,11 @@ def mixed_samples():
     ]
 
 
+def generate(adapter, batch, group_size, **options) -> Rollout:
+    """Completions sampled by the hf rollout engine, which shares the adapter's model."""
+    return make_engine("hf", adapter).generate(batch, group_size, **options)
+
+
 def sub_rollout(rollout: Rollout, prompt: int) -> Rollout:
     """The completions of one prompt, re-indexed as prompt 0 of a one-prompt batch."""
     rows = rollout.prompt_index == prompt
@@ -40,7 +49,7 @@ def sub_rollout(rollout: Rollout, prompt: int) -> Rollout:
                    rollout.completion_mask[rows], rollout.logprobs[rows], [], rollout.truncated[rows])
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=tuple(FAMILIES))
 def adapter(request, adapters):
     return adapters(request.param)
 
@@ -48,7 +57,7 @@ def adapter(request, adapters):
 def test_training_logprobs_equal_sampling_logprobs(adapter):
     batch = adapter.encode(mixed_samples())
     gen = torch.Generator().manual_seed(0)
-    rollout = adapter.generate(batch, group_size=3, max_new_tokens=10, generator=gen)
+    rollout = generate(adapter, batch, group_size=3, max_new_tokens=10, generator=gen)
     assert rollout.completion_ids.shape[0] == 12
     assert rollout.completion_mask.sum() > 0
     trained = adapter.completion_logprobs(batch, rollout)
@@ -58,7 +67,7 @@ def test_training_logprobs_equal_sampling_logprobs(adapter):
 
 def test_entropies_are_those_of_the_masked_tempered_logits(adapter):
     batch = adapter.encode(mixed_samples())
-    rollout = adapter.generate(batch, group_size=2, max_new_tokens=6,
+    rollout = generate(adapter, batch, group_size=2, max_new_tokens=6,
                                generator=torch.Generator().manual_seed(3))
     rows = torch.arange(rollout.completion_ids.shape[0])
     seen = []
@@ -86,7 +95,7 @@ def test_entropies_are_those_of_the_masked_tempered_logits(adapter):
 def test_mixed_batch_equals_each_prompt_alone(adapter):
     samples = mixed_samples()
     batch = adapter.encode(samples)
-    rollout = adapter.generate(batch, group_size=2, max_new_tokens=8,
+    rollout = generate(adapter, batch, group_size=2, max_new_tokens=8,
                                generator=torch.Generator().manual_seed(1))
     together = adapter.completion_logprobs(batch, rollout)
     for i, sample in enumerate(samples):
@@ -99,7 +108,7 @@ def test_logprobs_depend_on_the_image(adapter):
     """Negative control: the same completions scored against another image differ clearly."""
     a = adapter.encode([Sample("What is this item?", [noise_image(56, 56, 10)])])
     b = adapter.encode([Sample("What is this item?", [noise_image(56, 56, 11)])])
-    rollout = adapter.generate(a, group_size=2, max_new_tokens=6,
+    rollout = generate(adapter, a, group_size=2, max_new_tokens=6,
                                generator=torch.Generator().manual_seed(2))
     diff = (adapter.completion_logprobs(a, rollout) - adapter.completion_logprobs(b, rollout)).abs()
     assert diff.max() > 100 * TOL
@@ -108,7 +117,7 @@ def test_logprobs_depend_on_the_image(adapter):
 def test_mm_token_type_ids_matter(adapter):
     """Negative control: without mm_token_type_ids the positions (and log-probs) change."""
     batch = adapter.encode([Sample("Where is it?", [noise_image(84, 84, 5)])])
-    rollout = adapter.generate(batch, group_size=2, max_new_tokens=6,
+    rollout = generate(adapter, batch, group_size=2, max_new_tokens=6,
                                generator=torch.Generator().manual_seed(3))
     good = adapter.completion_logprobs(batch, rollout)
     batch.mm_token_type_ids.zero_()
@@ -118,12 +127,12 @@ def test_mm_token_type_ids_matter(adapter):
 
 def test_micro_batch_size_does_not_change_logprobs(adapter):
     batch = adapter.encode(mixed_samples())
-    rollout = adapter.generate(batch, group_size=3, max_new_tokens=8,
+    rollout = generate(adapter, batch, group_size=3, max_new_tokens=8,
                                generator=torch.Generator().manual_seed(4))
     whole = adapter.completion_logprobs(batch, rollout, max_tokens=10**6)
     small = adapter.completion_logprobs(batch, rollout, max_tokens=1)  # one row per micro-batch
     assert (whole - small).abs().max() < TOL
-    assert len(adapter.micro_batches(batch, rollout.prompt_index, rollout.completion_mask, 1)) == 12
+    assert len(micro_batches(batch, rollout.prompt_index, rollout.completion_mask, 1)) == 12
 
 
 def test_vision_tokens_are_never_sampled_and_masked_alike(adapters):
@@ -139,7 +148,7 @@ def test_vision_tokens_are_never_sampled_and_masked_alike(adapters):
     handle = adapter.model.lm_head.register_forward_hook(push_vision_tokens)
     try:
         batch = adapter.encode(mixed_samples()[:2])
-        rollout = adapter.generate(batch, group_size=4, max_new_tokens=8,
+        rollout = generate(adapter, batch, group_size=4, max_new_tokens=8,
                                    generator=torch.Generator().manual_seed(5))
         sampled = rollout.completion_ids[rollout.completion_mask.bool()]
         assert not torch.isin(sampled, torch.tensor(ids)).any()
@@ -155,7 +164,7 @@ def test_qwen2_5_rope_positions_match_the_unpadded_single_sequence(adapters):
     adapter = adapters("qwen2_5_vl")
     samples = mixed_samples()
     batch = adapter.encode(samples)
-    pos = adapter._positions(batch.input_ids, batch.attention_mask, batch.mm_token_type_ids,
+    pos = adapter.positions(batch.input_ids, batch.attention_mask, batch.mm_token_type_ids,
                              batch.image_grid_thw)  # (3, N, L)
     for i, sample in enumerate(samples):
         alone = adapter.encode([sample])
@@ -171,7 +180,7 @@ def test_qwen2_5_rope_positions_match_the_unpadded_single_sequence(adapters):
     alone = adapter.encode([samples[3]])
     with torch.no_grad():
         ours = adapter.model(input_ids=alone.input_ids, attention_mask=alone.attention_mask,
-                             position_ids=adapter._positions(alone.input_ids, alone.attention_mask,
+                             position_ids=adapter.positions(alone.input_ids, alone.attention_mask,
                                                              alone.mm_token_type_ids,
                                                              alone.image_grid_thw),
                              pixel_values=alone.pixel_values, image_grid_thw=alone.image_grid_thw,
@@ -197,8 +206,13 @@ def test_select_slices_patches_per_image():
     assert torch.equal(sub.pixel_values.squeeze(-1), expected)
     assert sub.image_grid_thw.tolist() == [[1, 4, 2], [1, 2, 4], [1, 2, 2], [1, 4, 2], [1, 2, 4]]
     assert sub.images_per_prompt == [2, 1, 2, 0]
-    # the naive per-prompt repeat keeps valid shapes and gets the pixels wrong
-    naive = patches.repeat_interleave(1, 0)[: sub.pixel_values.shape[0]]
+    # control: locating each image as if all images had the same patch count gives a tensor
+    # of the right shape with the wrong pixels, so this data tells the two apart
+    uniform = patches.shape[0] // grid.shape[0]  # 6 patches "per image"
+    counts = grid.prod(-1).tolist()
+    images = [1, 2, 0, 1, 2]  # those of prompts 2, 0, 2, 1
+    naive = torch.cat([patches[j * uniform: j * uniform + counts[j]] for j in images])
+    assert naive.shape == sub.pixel_values.shape
     assert not torch.equal(naive, sub.pixel_values)
 
 
@@ -218,8 +232,8 @@ def test_reports_image_sizes_and_box_format(adapters):
 def test_greedy_equals_top_k_one(adapters):
     adapter = adapters("qwen3_vl")
     batch = adapter.encode(mixed_samples()[:2])
-    greedy = adapter.generate(batch, 1, max_new_tokens=6, temperature=0)
-    top1 = adapter.generate(batch, 1, max_new_tokens=6, top_k=1,
+    greedy = generate(adapter, batch, 1, max_new_tokens=6, temperature=0)
+    top1 = generate(adapter, batch, 1, max_new_tokens=6, top_k=1,
                             generator=torch.Generator().manual_seed(9))
     assert torch.equal(greedy.completion_ids, top1.completion_ids)
 
@@ -245,7 +259,7 @@ def test_completion_ends_at_eos_and_mask_covers_it(adapters):
     handle = adapter.model.lm_head.register_forward_hook(make_eos_likely)
     try:
         batch = adapter.encode(mixed_samples()[:1])
-        r = adapter.generate(batch, 8, max_new_tokens=12, generator=torch.Generator().manual_seed(6))
+        r = generate(adapter, batch, 8, max_new_tokens=12, generator=torch.Generator().manual_seed(6))
     finally:
         handle.remove()
     for ids, mask, truncated in zip(r.completion_ids, r.completion_mask, r.truncated):
@@ -268,15 +282,15 @@ def test_bad_inputs_give_clear_errors(tmp_path, adapters):
     with pytest.raises(AdapterError, match="sample 1: its text contains the vision token"):
         adapter.encode([Sample("fine"), Sample("sneaky <|image_pad|>")])
     with pytest.raises(AdapterError, match="group_size"):
-        adapter.generate(adapter.encode([Sample("x")]), 0)
+        generate(adapter, adapter.encode([Sample("x")]), 0, max_new_tokens=4)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", tuple(FAMILIES))
 def test_shared_prefix_equals_full_rows_in_value_and_gradient(adapters, family):
     """Prompts run once with a repeated cache == every row running its prompt in full."""
     adapter = adapters(family)
     batch = adapter.encode(mixed_samples())
-    rollout = adapter.generate(batch, group_size=3, max_new_tokens=6,
+    rollout = generate(adapter, batch, group_size=3, max_new_tokens=6,
                                generator=torch.Generator().manual_seed(7))
     weights = torch.randn(rollout.completion_ids.shape, generator=torch.Generator().manual_seed(8))
 
@@ -305,3 +319,58 @@ def test_shared_prefix_equals_full_rows_in_value_and_gradient(adapters, family):
     assert g_shared.keys() == g_full.keys() and len(g_shared) > 10
     for name in g_shared:
         assert torch.allclose(g_shared[name], g_full[name], rtol=1e-3, atol=1e-5), name
+
+
+def test_policy_scores_by_hand():
+    logits = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.bfloat16)
+    suppressed = torch.tensor([False, True, False])
+    scores = policy_scores(logits, 2.0, suppressed)
+    assert scores.dtype == torch.float32
+    assert scores.tolist() == [[0.5, float("-inf"), 1.5]]
+    assert policy_scores(logits, 0.0, suppressed).tolist() == [[1.0, float("-inf"), 3.0]]  # greedy
+
+
+def test_the_trainer_reaches_the_model_only_through_the_adapter(tiny_dirs):
+    """freeze_vision, enable_gradient_checkpointing and set_scorer, on a fresh (unshared) model."""
+    adapter = VLMAdapter.from_pretrained(tiny_dirs("qwen2_vl"), device="cpu")
+    vision = {id(p) for p in FAMILIES["qwen2_vl"].vision_module(adapter.model).parameters()}
+    adapter.freeze_vision()
+    frozen = {id(p) for p in adapter.model.parameters() if not p.requires_grad}
+    assert frozen == vision and len(vision) > 0
+    assert not _activation_checkpointing(adapter.model)
+    adapter.enable_gradient_checkpointing()
+    assert _activation_checkpointing(adapter.model) and adapter.model.config.use_cache
+
+    calls = []
+
+    class Counting(torch.nn.Module):  # stands in for a data-parallel wrapper of the scorer
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            calls.append(len(args))
+            return self.inner(*args)
+
+    adapter.set_scorer(Counting(adapter.scorer))
+    batch = adapter.encode([Sample("What is this item?", [noise_image(56, 56, 1)])])
+    rollout = generate(adapter, batch, 2, max_new_tokens=3, generator=torch.Generator().manual_seed(0))
+    adapter.completion_logprobs(batch, rollout)
+    assert calls  # the training forward went through the wrapper
+    # a checkpoint whose vision config disagrees with its family's facts is refused
+    adapter.model.config.vision_config.patch_size = 16
+    with pytest.raises(AdapterError, match="patch_size 16, spatial_merge_size 2; a qwen2_vl "
+                                           "checkpoint has 14, 2"):
+        VLMAdapter(adapter.model, adapter.tokenizer, adapter.image_processor,
+                   adapter.chat_template, "qwen2_vl")
+
+
+def test_make_engine_names_what_it_accepts(adapters):
+    adapter = adapters("qwen2_vl")
+    with pytest.raises(ValueError, match="unknown rollout engine 'vllm2'; valid: hf"):
+        make_engine("vllm2", adapter)
+    with pytest.raises(ValueError, match="takes no options, got gpu_memory"):
+        make_engine("hf", adapter, gpu_memory=0.5)
+    engine = make_engine("hf", adapter)
+    engine.sync_weights(adapter.model)  # shares the model: nothing to load
+    engine.close()

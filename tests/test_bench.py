@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gpg_vlm import bench
-from gpg_vlm.adapter import Sample
+from gpg_vlm.models.batch import Sample
+from gpg_vlm.rollout import hf, make_engine
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
@@ -27,21 +28,22 @@ def test_min_new_tokens_forces_the_length_even_when_eos_is_likely(adapters, monk
     adapter = adapters("qwen2_vl")
     batch = _batch(adapter)
     eos = torch.tensor(adapter.eos_token_ids)
-    scores = adapter._scores
+    scores = hf.policy_scores
 
     def eos_first(logits, temperature, suppressed):  # EOS by far the most likely token
         return scores(logits, temperature, suppressed).index_add(-1, eos, torch.full(
             (logits.shape[0], len(eos)), 50.0))
 
-    monkeypatch.setattr(adapter, "_scores", eos_first)
+    monkeypatch.setattr(hf, "policy_scores", eos_first)  # what the sampling loop calls
+    engine = make_engine("hf", adapter)
     gen = torch.Generator().manual_seed(0)
-    free = adapter.generate(batch, 3, max_new_tokens=6, generator=gen)
+    free = engine.generate(batch, 3, max_new_tokens=6, generator=gen)
     assert free.completion_mask.sum(-1).tolist() == [1] * 6  # each stops at its first token
-    forced = adapter.generate(batch, 3, max_new_tokens=6, min_new_tokens=6, generator=gen)
+    forced = engine.generate(batch, 3, max_new_tokens=6, min_new_tokens=6, generator=gen)
     assert forced.completion_mask.sum(-1).tolist() == [6] * 6
     assert not torch.isin(forced.completion_ids, eos).any()
     assert forced.truncated.all()  # ended by the length, not by an EOS
-    greedy = adapter.generate(batch, 1, max_new_tokens=5, min_new_tokens=3, temperature=0.0)
+    greedy = engine.generate(batch, 1, max_new_tokens=5, min_new_tokens=3, temperature=0.0)
     assert greedy.completion_mask.sum(-1).tolist() == [4, 4]  # EOS allowed from the 4th token
 
 
@@ -49,7 +51,8 @@ def test_min_new_tokens_keeps_the_reported_logprobs_those_of_the_policy(adapters
     adapter = adapters("qwen2_vl")
     batch = _batch(adapter)
     gen = torch.Generator().manual_seed(1)
-    rollout = adapter.generate(batch, 2, max_new_tokens=5, min_new_tokens=5, generator=gen)
+    rollout = make_engine("hf", adapter).generate(batch, 2, max_new_tokens=5, min_new_tokens=5,
+                                                  generator=gen)
     with torch.no_grad():
         trained = adapter.completion_logprobs(batch, rollout)
     torch.testing.assert_close(trained, rollout.logprobs, atol=1e-5, rtol=0)

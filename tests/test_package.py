@@ -6,7 +6,7 @@ import sys
 
 def test_import_does_not_import_torch_or_transformers():
     code = (
-        "import sys, gpg_vlm, gpg_vlm.cli; "
+        "import sys, gpg_vlm, gpg_vlm.cli, gpg_vlm.models, gpg_vlm.models.family; "
         "bad = [m for m in ('transformers', 'torch') if m in sys.modules]; "
         "print(','.join(bad))"
     )

@@ -182,7 +182,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_sigkill_while_saving_keeps_the_previous_checkpoint_and_resume_uses_it(
         tiny_dirs, fm_data, tmp_path, one_thread, capsys):
-    from gpg_vlm.adapter import VLMAdapter
+    from gpg_vlm.models.adapter import VLMAdapter
     from gpg_vlm.checkpoint import latest_checkpoint, load_checkpoint_state
 
     out = tmp_path / "run"
@@ -554,7 +554,7 @@ Path({marker!r}).write_text("remote code ran")
 
 @pytest.mark.parametrize("model_type", ["qwen2_vl", "evil_vl"])
 def test_remote_code_in_a_checkpoint_never_runs_by_default(model_type, tiny_dirs, fm_data, tmp_path, capsys):
-    from gpg_vlm.adapter import VLMAdapter
+    from gpg_vlm.models.adapter import VLMAdapter
 
     model, marker = tmp_path / "model", tmp_path / "MARKER"
     shutil.copytree(tiny_dirs("qwen2_vl"), model)

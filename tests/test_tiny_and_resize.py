@@ -33,9 +33,9 @@ def test_plain_transformers_loads_the_checkpoint(tiny_dirs, family):
     path = tiny_dirs(family)
     assert AutoConfig.from_pretrained(path).model_type == family
     model = AutoModelForImageTextToText.from_pretrained(path)
-    from gpg_vlm.adapter import FAMILIES
+    from gpg_vlm.models.family import FAMILIES
 
-    assert type(model).__name__ == FAMILIES[family]
+    assert type(model).__name__ == FAMILIES[family].model_class
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok("<|im_start|>user\nhéllo ✓ 😀<|im_end|>", add_special_tokens=False)["input_ids"]
     assert tok.convert_tokens_to_ids("<|im_start|>") == ids[0]
@@ -44,7 +44,7 @@ def test_plain_transformers_loads_the_checkpoint(tiny_dirs, family):
 
 def test_chat_template_matches_the_qwen_format(adapters):
     adapter = adapters("qwen2_vl")
-    from gpg_vlm.adapter import Sample
+    from gpg_vlm.models.batch import Sample
 
     from PIL import Image
     batch = adapter.encode([Sample("Hi?", [Image.new("RGB", (28, 28))])])
@@ -106,12 +106,14 @@ def test_whole_adapter_path_runs_without_torchvision(tmp_path):
         import torch
         from PIL import Image
         from gpg_vlm.tiny import make_tiny_model
-        from gpg_vlm.adapter import VLMAdapter, Sample
+        from gpg_vlm.models.adapter import VLMAdapter
+        from gpg_vlm.models.batch import Sample
+        from gpg_vlm.rollout import make_engine
         for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
             path = make_tiny_model(family, "xs", r"{tmp_path}" + "/" + family)
             adapter = VLMAdapter.from_pretrained(path, device="cpu")
             batch = adapter.encode([Sample("What?", [Image.new("RGB", (40, 60), "red")])])
-            rollout = adapter.generate(batch, 2, max_new_tokens=4)
+            rollout = make_engine("hf", adapter).generate(batch, 2, max_new_tokens=4)
             lp = adapter.completion_logprobs(batch, rollout)
             assert (lp - rollout.logprobs).abs().max() < 1e-4
         print("ok")

@@ -41,7 +41,7 @@ def losses(history):
 
 
 def test_training_changes_parameters_and_writes_metrics(tiny_dirs, fm_data, tmp_path):
-    from gpg_vlm.adapter import VLMAdapter
+    from gpg_vlm.models.adapter import VLMAdapter
     from gpg_vlm.train import Trainer
 
     cfg = make_config(tiny_dirs, fm_data, tmp_path / "run", max_steps=3,

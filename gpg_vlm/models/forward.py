@@ -1,0 +1,134 @@
+"""The policy's token scores and the training forward.
+
+`policy_scores` is the one definition of the distribution the policy samples from and is
+trained on: logits in fp32, divided by the temperature, with the suppressed ids (vision tokens
+and ids the tokenizer cannot produce) at -inf. The rollout engine samples from it and
+`TokenScorer` takes its log-softmax, so sampled and trained log-probs are the same
+distribution.
+
+`TokenScorer` is the training forward as a torch module (so a data-parallel wrapper sees every
+call): it encodes each image once per micro-batch and hands the features to every completion
+of its prompt. Positions are computed by the adapter and passed in, never read from cached
+model state.
+
+Shape letters: p prompts and b completions of one micro-batch, L prompt tokens, T completion
+tokens, H hidden width, V vocabulary.
+
+Deliberately left out: sampling (gpg_vlm.rollout) and loading (gpg_vlm.models.adapter).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def policy_scores(logits: torch.Tensor, temperature: float, suppressed: torch.Tensor) -> torch.Tensor:
+    """Tempered logits in fp32 with the suppressed ids at -inf. (..., V) -> (..., V)
+
+    `temperature <= 0` (greedy) leaves the logits untempered.
+    """
+    scores = logits.float()
+    if temperature > 0:
+        scores = scores / temperature
+    return scores.masked_fill(suppressed.to(scores.device), float("-inf"))
+
+
+class TokenScorer(torch.nn.Module):
+    """The training forward as a module, so a data-parallel wrapper sees every call.
+
+    Shared prefix (the default): the p prompts of the micro-batch go through the model once,
+    with gradients, their KV cache is indexed out to the b completion rows (`rows`), and only
+    the completion tokens run on top of it; gradients from all G completions flow back into
+    their prompt's one pass. With gradient checkpointing (which cannot keep a cache) each row
+    runs prompt + completion in full, with each image still encoded once (`row_images`).
+    Returns the log-probs (b, T) of the completion tokens under the tempered,
+    vision-token-masked distribution; 0 where `completion_mask` is 0.
+    """
+
+    def __init__(self, model, suppressed: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.suppressed = suppressed  # (V,) bool, not a parameter
+
+    def forward(self, prompt_ids, prompt_mask, prompt_positions, prompt_mm, pixel_values,
+                image_grid_thw, rows, row_images, completion_ids, completion_mask,
+                temperature: float, with_entropy: bool = False):
+        b, t = completion_ids.shape
+        # completion tokens are text: their positions continue from the prompt's largest one
+        next_pos = prompt_positions.amax(dim=(0, 2)) + 1  # (p,)
+        steps = torch.arange(t, device=completion_ids.device)
+        completion_pos = (next_pos[rows, None] + steps).unsqueeze(0).expand(3, -1, -1)  # (3, b, T)
+        mask = torch.cat([prompt_mask[rows], completion_mask.long()], dim=1)  # (b, L+T)
+        if _activation_checkpointing(self.model):
+            hidden = self._full_rows(prompt_ids, prompt_positions, prompt_mm, pixel_values,
+                                     image_grid_thw, rows, row_images, completion_ids, mask,
+                                     completion_pos)
+        else:
+            hidden = self._shared_prefix(prompt_ids, prompt_mask, prompt_positions, prompt_mm,
+                                         pixel_values, image_grid_thw, rows, completion_ids, mask,
+                                         completion_pos)  # (b, T, H)
+        scores = policy_scores(self.model.lm_head(hidden), temperature, self.suppressed)  # (b, T, V)
+        all_logp = torch.log_softmax(scores, dim=-1)  # (b, T, V)
+        logp = all_logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        keep = completion_mask.bool()
+        logp = torch.where(keep, logp, torch.zeros_like(logp))  # (b, T)
+        if not with_entropy:
+            return logp
+        finite = all_logp.masked_fill(self.suppressed.to(all_logp.device), 0.0)  # no 0 * -inf
+        entropy = -(finite.exp() * finite).sum(-1)  # (b, T); suppressed tokens add 1 * 0
+        return logp, torch.where(keep, entropy, torch.zeros_like(entropy))
+
+    def _shared_prefix(self, prompt_ids, prompt_mask, prompt_positions, prompt_mm, pixel_values,
+                       image_grid_thw, rows, completion_ids, mask, completion_pos):
+        """Hidden states (b, T, H) that predict each completion token, prompts run once."""
+        out = self.model.model(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+            mm_token_type_ids=prompt_mm, use_cache=True)
+        last = out.last_hidden_state[rows, -1:]  # (b, 1, H): predicts completion token 0
+        if completion_ids.shape[1] == 1:
+            return last
+        cache = out.past_key_values
+        cache.batch_select_indices(rows)  # each row continues from its own prompt's keys/values
+        rest = self.model.model(
+            input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
+            position_ids=completion_pos[:, :, :-1], past_key_values=cache, use_cache=True,
+        ).last_hidden_state  # (b, T-1, H): token j predicts token j+1
+        return torch.cat([last, rest], dim=1)
+
+    def _full_rows(self, prompt_ids, prompt_positions, prompt_mm, pixel_values, image_grid_thw,
+                   rows, row_images, completion_ids, mask, completion_pos):
+        """Hidden states (b, T, H), each row running prompt + completion in full."""
+        encoder_outputs = row_grid = None
+        if image_grid_thw is not None:
+            features = self.model.model.get_image_features(pixel_values, image_grid_thw,
+                                                           return_dict=True)
+            encoder_outputs = {"image": _reindex_features(features, row_images)}
+            row_grid = image_grid_thw[row_images]
+        prompt_len = prompt_ids.shape[1]
+        hidden = self.model.model(
+            input_ids=torch.cat([prompt_ids[rows], completion_ids], dim=1), attention_mask=mask,
+            position_ids=torch.cat([prompt_positions[:, rows], completion_pos], dim=2),
+            image_grid_thw=row_grid,
+            mm_token_type_ids=torch.cat([prompt_mm[rows], torch.zeros_like(completion_ids)], dim=1),
+            mm_encoder_outputs=encoder_outputs, use_cache=False,
+        ).last_hidden_state  # (b, L+T, H)
+        t = completion_ids.shape[1]
+        return hidden[:, prompt_len - 1: prompt_len - 1 + t]  # token L-1+j predicts token j
+
+
+def _activation_checkpointing(model) -> bool:
+    flag = getattr(type(model), "is_activation_checkpointing", None)
+    if flag is not None:
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def _reindex_features(features, order: list[int]):
+    """The vision encoder output with its per-image tuples re-ordered/repeated by `order`."""
+    pooled = features.pooler_output
+    features.pooler_output = tuple(pooled[i] for i in order)
+    deepstack = getattr(features, "deepstack_features", None)
+    if deepstack is not None:  # Qwen3-VL feeds per-layer vision features into the decoder
+        features.deepstack_features = [tuple(layer[i] for i in order) for layer in deepstack]
+    return features
