@@ -358,7 +358,7 @@ def prepare(w: Workload, cache: Path) -> tuple[Path, Path, int]:
     from gpg_vlm.models.adapter import VLMAdapter
     from gpg_vlm.data import load_rows, save_jsonl
     from gpg_vlm.data.fashion_mnist import build_tasks
-    from gpg_vlm.evaluate import samples_of
+    from gpg_vlm.tasks import samples_of
     from gpg_vlm.tiny import make_tiny_model
 
     model = cache / f"bench-{w.family}-{w.size}-seed{w.seed}"

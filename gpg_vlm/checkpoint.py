@@ -3,7 +3,7 @@
 A checkpoint `OUTPUT/checkpoint-STEP/` holds the model and processor files
 (`save_pretrained`, loadable by `gpg-vlm eval` or transformers directly), `optimizer.pt`
 (optimizer and scheduler state, loaded with `torch.load(weights_only=True)`) and
-`trainer_state.json` (step, data position, RNG states, config). It is written into a hidden
+`trainer_state.json` (step, data position, RNG states from `rng_state`, config). It is written into a hidden
 temporary folder and renamed into place, so a process killed while saving leaves the previous
 checkpoint untouched; `latest_checkpoint` only ever returns complete ones.
 
@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+
+from gpg_vlm.config import ConfigError
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -52,6 +56,20 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def checkpoint_to_resume(option: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint `--resume` names: "latest" (the newest complete one) or a path, checked."""
+    if not option:
+        return None
+    resume = latest_checkpoint(output_dir) if option == "latest" else Path(option)
+    if resume is None:
+        print(f"gpg-vlm train: no complete checkpoint in {output_dir}; starting fresh", file=sys.stderr)
+    elif not (resume / STATE_FILE).is_file():
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); "
+                          f"complete ones: {latest_checkpoint(output_dir) or 'none'} "
+                          "is the newest, or pass --resume alone")
+    return resume
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, base_model_dir: str | Path,
@@ -107,6 +125,27 @@ def load_checkpoint_state(path: str | Path) -> tuple[dict, dict]:
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
         raise CheckpointError(f"{path}: unreadable {OPTIMIZER_FILE} ({exc})") from None
     return state, optimizer_state
+
+
+def rng_state(sampling_states: list) -> dict:
+    """The RNG states a resumed run needs, as JSON: Python's, torch's and each process's sampler."""
+    return {"python": _lists(random.getstate()), "torch": torch.get_rng_state().tolist(),
+            "sampling": sampling_states}
+
+
+def restore_rng(state: dict, sampler: torch.Generator, process_index: int) -> None:
+    """Put back what `rng_state` saved; `sampler` gets this process's own state."""
+    random.setstate(_tuples(state["python"]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    sampler.set_state(torch.tensor(state["sampling"][process_index], dtype=torch.uint8))
+
+
+def _lists(obj):
+    return [_lists(o) for o in obj] if isinstance(obj, tuple) else obj
+
+
+def _tuples(obj):
+    return tuple(_tuples(o) for o in obj) if isinstance(obj, list) else obj
 
 
 def _fsync_dir(path: Path) -> None:

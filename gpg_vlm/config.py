@@ -6,18 +6,35 @@ and impossible values are errors whose message names the key and lists what is v
 
 Every default below has a reason written next to it. "The paper" is GPG (arXiv 2504.02546)
 and its released multimodal training scripts.
+
+Two defaults depend on the algorithm (`scale_by_std`, `kl_beta`: None in a file means "the
+algorithm's own choice"); they are resolved at construction, so the code, config.json and the
+metrics only ever see the number. A key of an earlier version gives one line naming its
+replacement (`RENAMED`). `parse_overrides` and `build` are the one `key=value` parser and the
+one checked constructor; the demo uses them for its own few settings too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import yaml
+
 ALGORITHMS = ("gpg", "grpo", "dr_grpo")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+# keys of earlier versions -> what replaced them (one line each, instead of "unknown key")
+RENAMED = {
+    "kl_weight": "was renamed to 'kl_beta'",
+    "std_scaling": "was renamed to 'scale_by_std'",
+    "log_every": "was removed: every step goes to metrics.jsonl (and TensorBoard, W&B, the progress bar)",
+}
 
 
 class ConfigError(ValueError):
@@ -48,13 +65,13 @@ class TrainConfig:
     max_resample_tries: int = 3
     """Extra prompt draws allowed per step for beta_th; bounds the cost of a step."""
     scale_by_std: bool | None = None
-    """Divide advantages by the group std. None: the algorithm's own choice (gpg: no, grpo: yes, dr_grpo: no)."""
+    """Divide advantages by the group std. None: the algorithm's own choice (gpg: no, grpo: yes, dr_grpo: no), resolved at construction."""
     token_mean: bool = False
     """Average the loss over all tokens of the batch (the paper's text code) instead of per completion then over completions (its multimodal code)."""
     clip_eps: float = 0.2
     """GRPO ratio clipping; 0.2 is the PPO/GRPO standard."""
     kl_beta: float | None = None
-    """KL weight to the frozen reference (the starting model). None: the algorithm's own choice (grpo: 0.04 as in DeepSeekMath GRPO and TRL; dr_grpo and gpg: 0, no reference model as in their papers). The reference is loaded only when > 0."""
+    """KL weight to the frozen reference (the starting model). None: the algorithm's own choice (grpo: 0.04 as in DeepSeekMath GRPO and TRL; dr_grpo and gpg: 0, no reference model as in their papers). The reference is loaded only when > 0. Resolved at construction."""
     entropy_coef: float = 0.0
     """Weight of an entropy bonus added to the loss of any algorithm (verl's `entropy_coeff`). 0 = the paper's loss; > 0 keeps sampling from turning deterministic (every completion is then trained, not only those with a non-zero advantage)."""
 
@@ -130,8 +147,6 @@ class TrainConfig:
     """Checkpoint every this many steps (0: only at the end)."""
     save_total_limit: int = 2
     """Keep the newest K checkpoints."""
-    log_every: int = 1
-    """Print a metrics line every this many steps."""
     tensorboard: bool = True
     """Write TensorBoard events next to metrics.jsonl."""
     wandb_project: str | None = None
@@ -147,8 +162,7 @@ class TrainConfig:
         def bad(key, why):
             raise ConfigError(f"config key {key!r}: {why}")
 
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+        check_types(self)
         if not self.model:
             bad("model", "is required (a checkpoint directory; `gpg-vlm make-tiny-model` builds one)")
         if not self.data:
@@ -170,7 +184,7 @@ class TrainConfig:
         if self.on_bad_row not in ("error", "skip"):
             bad("on_bad_row", f"{self.on_bad_row!r} is not one of error, skip")
         for key in ("learning_rate", "max_new_tokens", "max_steps", "micro_batch_tokens",
-                    "save_total_limit", "log_every", "max_nonfinite_steps"):
+                    "save_total_limit", "max_nonfinite_steps"):
             if getattr(self, key) <= 0:
                 bad(key, f"must be > 0, got {getattr(self, key)}")
         for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
@@ -196,23 +210,16 @@ class TrainConfig:
                 bad("rewards", f"entries are name: weight, got {name!r}: {weight!r}")
         if len(self.adam_betas) != 2:
             bad("adam_betas", f"needs two values, got {self.adam_betas!r}")
+        self._resolve_by_algorithm()
 
-    # ------------------------------------------------------------ derived
-    @property
-    def std_scaling(self) -> bool:
-        if self.scale_by_std is not None:
-            return self.scale_by_std
-        return self.algorithm == "grpo"
-
-    @property
-    def kl_weight(self) -> float:
-        if self.kl_beta is not None:
-            return self.kl_beta
-        return 0.04 if self.algorithm == "grpo" else 0.0
-
-    @property
-    def uses_reference(self) -> bool:
-        return self.kl_weight > 0
+    def _resolve_by_algorithm(self) -> None:
+        """Fill the None of `scale_by_std` / `kl_beta` with the algorithm's own choice."""
+        own = {"scale_by_std": self.algorithm == "grpo",
+               "kl_beta": 0.04 if self.algorithm == "grpo" else 0.0}
+        chosen = {k for k in own if getattr(self, k) is None}
+        for key in chosen:  # frozen: set once here, never again
+            object.__setattr__(self, key, own[key])
+        object.__setattr__(self, "_by_algorithm", frozenset(chosen))
 
     # ------------------------------------------------------------ reading
     @classmethod
@@ -221,20 +228,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
-        if not isinstance(values, dict):
-            raise ConfigError(f"{where}: expected a mapping of key: value, got {type(values).__name__}")
-        unknown = sorted(set(values) - set(cls.keys()))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
-                              f"valid keys: {', '.join(cls.keys())}")
-        hints = typing.get_type_hints(cls)
-        values = {k: _coerce(v, hints[k]) for k, v in values.items()}
-        return cls(**values)
+        return build(cls, values, where, RENAMED)
 
     @classmethod
     def from_yaml(cls, path: str | None, overrides: list[str] = ()) -> "TrainConfig":
-        import yaml
-
         values: dict = {}
         where = "command line"
         if path:
@@ -251,21 +248,53 @@ class TrainConfig:
                 raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
             if not isinstance(values, dict):
                 raise ConfigError(f"config file {path}: expected a mapping of key: value")
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"override {item!r} must look like key=value")
-            try:
-                values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError:
-                values[key.strip()] = raw
+        values.update(parse_overrides(overrides))
         return cls.from_dict(values, where)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; values that were the algorithm's choice are chosen again."""
+        unchanged = {k: None for k in self._by_algorithm if k not in changes}
+        return dataclasses.replace(self, **unchanged, **changes)
+
+
+def parse_overrides(items) -> dict:
+    """`key=value` strings -> {key: value}, each value read as YAML (`1e-5`, `{accuracy: 1.0}`)."""
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            values[key.strip()] = raw
+    return values
+
+
+def build(cls, values: dict, where: str, renamed: dict):
+    """`cls(**values)` for a dataclass of settings: old keys named, unknown keys listed, types checked."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of key: value, got {type(values).__name__}")
+    for key in values:
+        if key in renamed:
+            raise ConfigError(f"{where}: config key {key!r} {renamed[key]}")
+    keys = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"valid keys: {', '.join(keys)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k]) for k, v in values.items()})
+
+
+def check_types(settings) -> None:
+    """Raise ConfigError unless every field of the dataclass `settings` fits its annotation."""
+    hints = typing.get_type_hints(type(settings))
+    for f in fields(settings):
+        _check_type(f.name, getattr(settings, f.name), hints[f.name])
 
 
 def _coerce(value, hint):
@@ -281,10 +310,9 @@ def _coerce(value, hint):
     return value
 
 
-def _check_type(name: str, value, annotation) -> None:
-    """Raise ConfigError unless `value` fits the field's annotation (ints pass as floats)."""
-    hint = typing.get_type_hints(TrainConfig)[name]
-    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")) else (hint,)
+def _check_type(name: str, value, hint) -> None:
+    """Raise ConfigError unless `value` fits the type `hint` (ints pass as floats)."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     for t in allowed:
         if t is type(None) and value is None:
             return

@@ -1,12 +1,11 @@
 """Evaluation: greedy (or sampled) completions scored by the very rewards used in training.
 
-`reward_columns` builds the per-completion columns every reward receives, for the trainer
-and for evaluation alike, so a training reward and an evaluation metric cannot drift apart.
-`evaluate_rows` scores rows and reports accuracy overall and per category (a benchmark's own
-grouping: CV-Bench task, MathVista question type, Fashion-MNIST suite task).
+Rows become prompts and are scored by `gpg_vlm.tasks.evaluate_rows`, the glue training uses
+too (prompts, reward columns, categories), so a training reward and an evaluation metric
+cannot drift apart; this module adds the benchmark loading, summaries and the command line.
 
-`main` is `gpg-vlm eval`: load a checkpoint and a benchmark, generate greedily (or K samples
-for pass@K), score with `accuracy_reward`, and write OUT/results.json (summary + one record
+`main` is `gpg-vlm eval`: load a checkpoint and a benchmark, generate greedily (or K
+completions per row for pass@K), score with `accuracy_reward`, and write OUT/results.json (summary + one record
 per row) and OUT/results.md (a table). Summary conventions:
 - `accuracy` is the mean reward over all rows (micro average). For grounding rows the reward
   is the IoU, so there it is the mean IoU.
@@ -26,91 +25,18 @@ score with the training reward only) and multi-GPU sharding of the evaluation.
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 
-def row_category(row) -> str:
-    """The group a row is reported under: the benchmark's category, else its task."""
-    return str(row.extra.get("category") or row.extra.get("suite_task") or row.task)
-
-
-def reward_columns(rows, batch, prompt_index: list[int], box_format: str) -> dict:
-    """Dataset columns repeated per completion, plus the image frames grounding needs.
-
-    `rows[i]` and prompt i of `batch` are the same prompt; `prompt_index` maps each completion
-    to its prompt.
-    """
-    first = [batch.image_sizes[i][0] if batch.image_sizes[i] else None for i in prompt_index]
-    seen = [batch.model_image_sizes[i][0] if batch.model_image_sizes[i] else None
-            for i in prompt_index]
-    columns = {
-        "solution": [rows[i].solution for i in prompt_index],
-        "task": [rows[i].task for i in prompt_index],
-        "choices": [rows[i].choices for i in prompt_index],
-        "problem": [rows[i].problem for i in prompt_index],
-        "image_size": first,
-        "model_image_size": seen,
-        "box_format": [box_format] * len(prompt_index),
-    }
-    # MathVista rounds float answers to a per-row precision; the column exists only when some
-    # row carries one, so rewards of other datasets see exactly the columns they always did
-    if any("precision" in rows[i].extra for i in set(prompt_index)):
-        columns["precision"] = [rows[i].extra.get("precision") for i in prompt_index]
-    return columns
-
-
-def samples_of(rows, prompt_template: str):
-    """Adapter samples for dataset rows: the template around the problem, the row's images."""
-    from gpg_vlm.models.batch import Sample
-
-    return [Sample(prompt_template.replace("{problem}", r.problem), r.load_images(), r.system)
-            for r in rows]
-
-
-def evaluate_rows(adapter, rows, prompt_template: str, max_new_tokens: int = 64,
-                  batch_size: int = 32, temperature: float = 0.0, samples: int = 1,
-                  generator=None, progress: bool = False) -> dict:
-    """Accuracy (mean accuracy reward) overall and per category; greedy unless temperature > 0.
-
-    With `samples` = K > 1 (and temperature > 0) each row is sampled K times and also scored
-    pass@K (any of the K completions correct).
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from gpg_vlm.rewards import accuracy_reward
-    from gpg_vlm.rollout import make_engine
-
-    totals, counts, passes = defaultdict(float), defaultdict(int), defaultdict(float)
-    items = []
-    engine = make_engine("hf", adapter)
-    with torch.no_grad():
-        for start in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="eval"):
-            chunk = rows[start:start + batch_size]
-            batch = adapter.encode(samples_of(chunk, prompt_template))
-            rollout = engine.generate(batch, samples, max_new_tokens=max_new_tokens,
-                                      temperature=temperature, generator=generator)
-            index = rollout.prompt_index.tolist()
-            scores = accuracy_reward(rollout.texts, **reward_columns(chunk, batch, index,
-                                                                     adapter.box_format))
-            for k, row in enumerate(chunk):
-                mine = [s for i, s in zip(index, scores) if i == k]
-                texts = [t for i, t in zip(index, rollout.texts) if i == k]
-                mean = sum(mine) / len(mine)
-                for key in ("all", row_category(row)):
-                    totals[key] += mean
-                    counts[key] += 1
-                    passes[key] += float(max(mine) >= 1.0)
-                items.append({"source": row.source, "category": row_category(row),
-                              "reward": mean, "rewards": mine, "completions": texts})
-    result = {"accuracy": totals["all"] / max(1, counts["all"]), "n": counts["all"]}
-    for key in sorted(k for k in counts if k != "all"):
-        result[f"accuracy/{key}"] = totals[key] / counts[key]
-    if samples > 1:
-        result[f"pass@{samples}"] = passes["all"] / max(1, counts["all"])
-    result["items"] = items
-    return result
+from gpg_vlm.models.adapter import AdapterError, VLMAdapter
+from gpg_vlm.data import DataError, load_benchmark, load_rows
+from gpg_vlm.data.loading import check_images
+from gpg_vlm.tasks import evaluate_rows
 
 
 # ----------------------------------------------------------------------------- gpg-vlm eval
@@ -135,9 +61,6 @@ def load_eval_rows(benchmark: str, data: str, image_root: str | None = None,
     Images are decoded only for the rows kept, so `--limit 20` on a large benchmark is quick,
     and a missing image fails here, naming its row, rather than in the middle of a batch.
     """
-    from gpg_vlm.data import DataError, load_benchmark, load_rows
-    from gpg_vlm.data.loading import check_images
-
     if benchmark not in BENCHMARK_NAMES:
         raise EvalError(f"unknown benchmark {benchmark!r}; valid names: {', '.join(BENCHMARK_NAMES)}")
     if not Path(data).exists():
@@ -182,12 +105,12 @@ def cvbench_scores(sources: dict) -> dict | None:
     return {"2D": two_d, "3D": three_d, "overall": (two_d + three_d) / 2}
 
 
-def summarize(benchmark: str, rows, result: dict, samples: int) -> dict:
+def summarize(benchmark: str, rows, result: dict, completions: int) -> dict:
     """The summary of `evaluate_rows`' result: overall, per category, benchmark extras."""
     items = result["items"]
     summary = {"benchmark": benchmark, "n": result["n"], "accuracy": result["accuracy"]}
-    if samples > 1:
-        summary[f"pass@{samples}"] = result[f"pass@{samples}"]
+    if completions > 1:
+        summary[f"pass@{completions}"] = result[f"pass@{completions}"]
     summary["categories"] = _mean_by(items, [it["category"] for it in items])
     groups = {}
     for name in GROUP_FIELDS.get(benchmark, ()):
@@ -231,8 +154,6 @@ def markdown(summary: dict, model: str) -> str:
 
 
 def _parser():
-    import argparse
-
     p = argparse.ArgumentParser(prog="gpg-vlm eval", description="Evaluate a checkpoint on a benchmark "
                                 "with the training rewards; writes OUT/results.json and OUT/results.md.")
     p.add_argument("--model", required=True, help="checkpoint directory")
@@ -240,7 +161,9 @@ def _parser():
     p.add_argument("--data", required=True, help="the benchmark's record file (a folder for lisa)")
     p.add_argument("--image-root", default=None, help="folder the images are under (default: the data's folder)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows")
-    p.add_argument("--samples", type=int, default=1, help="K completions per row; K > 1 also reports pass@K")
+    p.add_argument("--completions", type=int, default=1,
+                   help="K completions per row; K > 1 also reports pass@K")
+    p.add_argument("--samples", dest="old_samples", default=None, help=argparse.SUPPRESS)
     p.add_argument("--temperature", type=float, default=None,
                    help="0 is greedy; default 0 with one sample, 1.0 with K > 1")
     p.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit")
@@ -255,7 +178,9 @@ def _parser():
 
 def _check_args(args) -> float:
     """Validate numbers and return the temperature to use."""
-    for name in ("limit", "max_new_tokens", "batch_size", "samples"):
+    if args.old_samples is not None:  # a "sample" is a prompt everywhere else in gpg_vlm
+        raise EvalError("--samples was renamed to --completions (K completions per row)")
+    for name in ("limit", "max_new_tokens", "batch_size", "completions"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -263,9 +188,9 @@ def _check_args(args) -> float:
         raise EvalError("--prompt-template must contain {problem}")
     temperature = args.temperature
     if temperature is None:
-        temperature = 1.0 if args.samples > 1 else 0.0
-    if args.samples > 1 and temperature <= 0:
-        raise EvalError(f"--samples {args.samples} needs --temperature > 0 (greedy completions "
+        temperature = 1.0 if args.completions > 1 else 0.0
+    if args.completions > 1 and temperature <= 0:
+        raise EvalError(f"--completions {args.completions} needs --temperature > 0 (greedy completions "
                         "would all be the same)")
     if not Path(args.model).is_dir():
         raise EvalError(f"model directory {args.model} does not exist")
@@ -275,17 +200,10 @@ def _check_args(args) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-    import sys
-
     args = _parser().parse_args(argv)
     try:
         temperature = _check_args(args)
         rows = load_eval_rows(args.benchmark, args.data, args.image_root, args.limit)
-        import torch
-
-        from gpg_vlm.models.adapter import AdapterError, VLMAdapter
-
         dtype = args.dtype
         if dtype == "auto":
             dtype = "bfloat16" if torch.cuda.is_available() else "float32"
@@ -297,12 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         result = evaluate_rows(adapter, rows, args.prompt_template, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, temperature=temperature,
-                               samples=args.samples, generator=generator, progress=True)
+                               completions=args.completions, generator=generator, progress=True)
     except EvalError as exc:
         print(f"gpg-vlm eval: {exc}", file=sys.stderr)
         return 2
-    summary = summarize(args.benchmark, rows, result, args.samples)
-    summary.update(model=str(args.model), data=str(args.data), samples=args.samples,
+    summary = summarize(args.benchmark, rows, result, args.completions)
+    summary.update(model=str(args.model), data=str(args.data), completions=args.completions,
                    temperature=temperature, max_new_tokens=args.max_new_tokens,
                    prompt_template=args.prompt_template)
     out = Path(args.out or Path("runs") / "eval" / args.benchmark)

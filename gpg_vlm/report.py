@@ -6,9 +6,11 @@ rebuilt from any run's metrics.jsonl.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
+
+
+SMOOTH = 10  # steps in the rolling mean of the per-step curves
 
 
 def _series(history: list[dict], key: str, x: str) -> tuple[list, list]:
@@ -43,6 +45,12 @@ def _mean(xs):
     return round(sum(xs) / len(xs), 4) if xs else None
 
 
+def rolling_mean(ys: list[float], k: int) -> list[float]:
+    """Mean of each value and the k - 1 before it (fewer at the start)."""
+    return [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1])
+            for i in range(len(ys))]
+
+
 def plot(path: Path, runs: dict[str, list[dict]], task: str) -> None:
     import matplotlib
 
@@ -57,12 +65,15 @@ def plot(path: Path, runs: dict[str, list[dict]], task: str) -> None:
             ax = axes[row][col]
             for name, history in runs.items():
                 xs, ys = _series(history, key, x)
-                if key == "reward" and len(ys) > 10:  # a running mean keeps the curve readable
-                    k = 10
-                    ys = [sum(ys[max(0, i - k + 1): i + 1]) / len(ys[max(0, i - k + 1): i + 1])
-                          for i in range(len(ys))]
-                ax.plot(xs, ys, label=name, marker="o" if key.startswith("eval") else None,
-                        markersize=3)
+                if key.startswith("eval") or len(ys) <= SMOOTH:
+                    ax.plot(xs, ys, label=name, marker="o" if key.startswith("eval") else None,
+                            markersize=3)
+                    continue
+                # per-step series are noisy (alpha flips between two values each step and
+                # would draw as a solid band): the raw values faint, a rolling mean on top
+                raw = ax.plot(xs, ys, linewidth=0.5, alpha=0.25)[0]
+                ax.plot(xs, rolling_mean(ys, SMOOTH), color=raw.get_color(),
+                        label=f"{name} (mean of {SMOOTH})")
             ax.set_title(title)
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
@@ -75,8 +86,9 @@ def plot(path: Path, runs: dict[str, list[dict]], task: str) -> None:
     plt.close(fig)
 
 
-def write_reports(out: Path, task: str, results: dict, settings, total_seconds: float,
+def write_reports(out: Path, task: str, results: dict, settings: dict, total_seconds: float,
                   compare: bool = False) -> dict:
+    """summary.json, curves.png and report.md; `settings` is shown as given (a flat dict)."""
     out.mkdir(parents=True, exist_ok=True)
     summaries = {name: summarize(task, name, run) for name, run in results.items()}
     if compare:
@@ -84,7 +96,7 @@ def write_reports(out: Path, task: str, results: dict, settings, total_seconds: 
     else:
         (summary,) = summaries.values()
         summary = {**summary, "total_seconds": round(total_seconds, 1)}
-    summary["settings"] = dataclasses.asdict(settings)
+    summary["settings"] = settings
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     plot(out / "curves.png", {n: r["history"] for n, r in results.items()}, task)
     metric = "mean IoU" if task == "grounding" else "accuracy"
@@ -102,7 +114,7 @@ def write_reports(out: Path, task: str, results: dict, settings, total_seconds: 
                       "| answer | n | accuracy | share of answers |", "|---|---|---|---|"]
             lines += [f"| {k} | {v['n']} | {_pct(v['accuracy'])} | {_pct(v['answer_share'])} |"
                       for k, v in run["by_answer"].items()]
-    lines += ["", "Settings:", "", "```", json.dumps(dataclasses.asdict(settings), indent=1), "```",
+    lines += ["", "Settings:", "", "```", json.dumps(settings, indent=1), "```",
               "", "![curves](curves.png)", ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
     return summary

@@ -17,3 +17,8 @@ def zero_reward(completions, **columns):
 
 def nan_reward(completions, **columns):
     return [float("nan") for _ in completions]
+
+
+def alternating_reward(completions, **columns):
+    """1.0 for every other completion: each group of an even size is informative, whatever the text."""
+    return [float(i % 2) for i in range(len(completions))]

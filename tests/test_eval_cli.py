@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from gpg_vlm.evaluate import cvbench_scores, main, reward_columns, summarize
+from gpg_vlm.evaluate import cvbench_scores, main, summarize
+from gpg_vlm.tasks import reward_columns
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,10 @@ def test_eval_writes_results_with_categories_that_average_to_the_total(tiny_dirs
     assert "accuracy" in io.out and "classification" in io.out
 
 
-def test_eval_samples_k_reports_pass_at_k(tiny_dirs, fm_mixed, tmp_path, capsys):
+def test_eval_completions_k_reports_pass_at_k(tiny_dirs, fm_mixed, tmp_path, capsys):
     out = tmp_path / "res"
     code, io = run_eval(capsys, "--model", str(tiny_dirs("qwen2_vl")), "--benchmark", "jsonl",
-                        "--data", str(fm_mixed), "--limit", "2", "--samples", "3",
+                        "--data", str(fm_mixed), "--limit", "2", "--completions", "3",
                         "--max-new-tokens", "3", "--out", str(out))
     assert code == 0, io.err
     result = json.loads((out / "results.json").read_text())
@@ -95,7 +96,7 @@ def test_summary_numbers_by_hand():
     rewards = [1.0, 0.0, 0.0, 1.0]
     result = {"n": 4, "accuracy": 0.5,
               "items": [{"category": r.extra["category"], "reward": x} for r, x in zip(rows, rewards)]}
-    summary = summarize("cvbench", rows, result, samples=1)
+    summary = summarize("cvbench", rows, result, completions=1)
     assert summary["categories"] == {"Count": {"n": 3, "accuracy": pytest.approx(1 / 3)},
                                      "Depth": {"n": 1, "accuracy": 1.0}}
     assert summary["groups"]["type"] == {"2D": {"n": 3, "accuracy": pytest.approx(1 / 3)},
@@ -128,7 +129,7 @@ def test_precision_column_only_when_a_row_has_it():
 
 
 @pytest.mark.parametrize("case", ["no_model", "unknown_benchmark", "unreadable_data", "missing_data",
-                                  "missing_image"])
+                                  "missing_image", "old_samples_flag"])
 def test_input_errors_are_one_line_exit_2(case, tiny_dirs, tmp_path, capsys):
     model, data = str(tiny_dirs("qwen2_vl")), tmp_path / "d.jsonl"
     data.write_text('{"image": "missing.png", "problem": "p", "solution": "x", "task": "classification"}\n')
@@ -136,8 +137,12 @@ def test_input_errors_are_one_line_exit_2(case, tiny_dirs, tmp_path, capsys):
             "unknown_benchmark": ["--model", model, "--benchmark", "mmmu", "--data", str(data)],
             "unreadable_data": ["--model", model, "--benchmark", "jsonl", "--data", str(tmp_path)],
             "missing_data": ["--model", model, "--benchmark", "jsonl", "--data", str(tmp_path / "x.jsonl")],
-            "missing_image": ["--model", model, "--benchmark", "jsonl", "--data", str(data)]}[case]
+            "missing_image": ["--model", model, "--benchmark", "jsonl", "--data", str(data)],
+            "old_samples_flag": ["--model", model, "--benchmark", "jsonl", "--data", str(data),
+                                 "--samples", "3"]}[case]
     code, io = run_eval(capsys, *args, "--out", str(tmp_path / "res"))
     assert code == 2
+    if case == "old_samples_flag":
+        assert "--samples was renamed to --completions" in io.err
     assert io.err.startswith("gpg-vlm eval: ") and len(io.err.strip().splitlines()) == 1
     assert "Traceback" not in io.err and not (tmp_path / "res").exists()

@@ -49,6 +49,13 @@ def test_recipe_keeps_the_paper_settings(name):
     assert placeholders == {"model", "data", "eval_data"}  # the only things to fill in
 
 
+# A random model's 4-token completions are never correct, so the recipe's own rewards alone
+# would leave every group uninformative and the step would make no update. This planted reward
+# alternates within each group (G = 2) and outweighs the recipe's (at most 2 in total), so the
+# one step must update, and the recipe's rewards are still computed on its task's columns.
+SIGNAL = {"rewards_for_tests:alternating_reward": 10.0}
+
+
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_runs_one_step_on_cpu(name, tiny_dirs, fm_rows, tmp_path):
     from gpg_vlm.train import Trainer
@@ -56,11 +63,13 @@ def test_recipe_runs_one_step_on_cpu(name, tiny_dirs, fm_rows, tmp_path):
     task, family = RECIPES[name]
     cfg = TrainConfig.from_yaml(CONFIGS / name)
     cfg = cfg.replace(model=str(tiny_dirs(family)), data=str(fm_rows / f"{task}_train.jsonl"),
-                      output_dir=str(tmp_path / "run"), **CPU_SIZED)
+                      output_dir=str(tmp_path / "run"), rewards={**cfg.rewards, **SIGNAL}, **CPU_SIZED)
     trainer = Trainer(cfg)
     before = [p.detach().clone() for p in trainer.params]
     history = trainer.train()
-    steps = [h for h in history if "loss" in h]
-    assert len(steps) == 1 and torch.isfinite(torch.tensor(steps[0]["loss"]))
-    if steps[0].get("updated"):
-        assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.params))
+    (step,) = [h for h in history if "loss" in h]
+    assert step["informative_fraction"] == 1.0 and step["updated"] is True, step
+    assert torch.isfinite(torch.tensor(step["loss"])) and step["loss"] != 0.0
+    for reward in cfg.rewards:  # the recipe's rewards ran on the task's columns
+        assert f"reward/{reward}" in step
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.params))

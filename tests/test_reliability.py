@@ -444,7 +444,7 @@ def test_bad_row_stops_training_naming_file_line_and_field(kind, tiny_dirs, tmp_
 
 def test_bad_rows_skipped_are_counted_logged_and_never_misalign_images(
         tiny_dirs, tmp_path, monkeypatch, capsys, caplog):
-    from gpg_vlm.train import Trainer
+    from gpg_vlm.collect import Sampler
 
     data = tmp_path / "data"
     lines, good = [], []
@@ -454,7 +454,7 @@ def test_bad_rows_skipped_are_counted_logged_and_never_misalign_images(
         lines.append(bad_record(data, kind)[0])
     path = write_jsonl(data / "train.jsonl", lines)
     seen = []
-    real_samples = Trainer.samples
+    real_samples = Sampler.samples
 
     def checked_samples(self, rows):  # every prompt's image is its own row's image
         samples = real_samples(self, rows)
@@ -463,7 +463,7 @@ def test_bad_rows_skipped_are_counted_logged_and_never_misalign_images(
             seen.append(row.source)
         return samples
 
-    monkeypatch.setattr(Trainer, "samples", checked_samples)
+    monkeypatch.setattr(Sampler, "samples", checked_samples)
     cfg = make_config(tiny_dirs, tmp_path, tmp_path / "out", data=str(path), on_bad_row="skip",
                       max_steps=3)
     with caplog.at_level("WARNING", logger="gpg_vlm.data"):

@@ -175,6 +175,9 @@ def test_two_process_ddp_on_cpu(tiny_dirs, fm_data, tmp_path):
                OMP_NUM_THREADS="1")
     run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
+    # console output belongs to process 0: one training bar, one model-loading bar
+    assert run.stderr.count("train:   0%") == 1 and run.stderr.count("Loading weights:   0%") <= 1
+    assert run.stdout.count("done: 2 steps") == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward" in r]
     assert len(steps) == 2
