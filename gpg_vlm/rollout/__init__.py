@@ -25,6 +25,14 @@ from gpg_vlm.models.batch import PromptBatch, Rollout
 from gpg_vlm.rollout.hf import HFRollout
 
 
+class RolloutSetupError(ValueError):
+    """An engine cannot be built for this model or these settings; one line says what to change."""
+
+
+class RolloutError(RuntimeError):
+    """An engine failed while sampling or loading weights; the trainer stops, the last step saved."""
+
+
 class RolloutEngine(Protocol):
     def generate(self, batch: PromptBatch, group_size: int, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -56,4 +64,4 @@ def make_engine(name: str, adapter, **options) -> RolloutEngine:
     raise ValueError(f"unknown rollout engine {name!r}; valid: {', '.join(ENGINES)}")
 
 
-__all__ = ["ENGINES", "HFRollout", "RolloutEngine", "make_engine"]
+__all__ = ["ENGINES", "HFRollout", "RolloutEngine", "RolloutError", "RolloutSetupError", "make_engine"]

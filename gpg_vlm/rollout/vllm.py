@@ -43,26 +43,24 @@ from contextlib import contextmanager
 import torch
 
 from gpg_vlm.models.batch import PromptBatch, Rollout
+from gpg_vlm.rollout import RolloutError, RolloutSetupError
 
 INSTALL_HINT = ("pip install 'gpg_vlm[vllm]' (GPU), or build the CPU environment with "
                 "`make test-vllm` (tools/vllm_venv.sh)")
 
 
-class RolloutSetupError(ValueError):
-    """The engine cannot be built for this model or these settings; one line says what to change."""
-
-
-class RolloutError(RuntimeError):
-    """The engine failed while sampling or loading weights; the run stops."""
-
-
-def check_servable(adapter, *, sleep: bool = False, tensor_parallel_size: int = 1) -> None:
-    """Raise RolloutSetupError when vLLM is missing or cannot serve this model with these settings."""
+def require_vllm() -> None:
+    """Raise RolloutSetupError naming what to install when vLLM cannot be imported."""
     try:
         import vllm  # noqa: F401
     except ImportError:
         raise RolloutSetupError(f"rollout: vllm needs vLLM, which is not installed: {INSTALL_HINT}") \
             from None
+
+
+def check_servable(adapter, *, sleep: bool = False, tensor_parallel_size: int = 1) -> None:
+    """Raise RolloutSetupError when vLLM is missing or cannot serve this model with these settings."""
+    require_vllm()
     cuda = torch.cuda.is_available()
     if sleep and not cuda:
         raise RolloutSetupError("vllm_sleep: vLLM's sleep mode needs a GPU; set vllm_sleep: false on CPU")
@@ -299,4 +297,4 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
 
 
-__all__ = ["RolloutError", "RolloutSetupError", "VLLMRollout", "check_servable", "full_weights"]
+__all__ = ["VLLMRollout", "check_servable", "full_weights", "require_vllm"]
