@@ -30,6 +30,11 @@ need the rest), `sleep` (vLLM's level-1 sleep between rollouts: its weights move
 and its KV cache is freed while the trainer runs), `tensor_parallel_size` (the engine spans that
 many GPUs through the trainer's own processes).
 
+Side effects of an engine in this process, on CPU: vLLM's CPU worker replaces
+`torch.set_num_threads` by a no-op and binds this process's memory to its NUMA node; the
+engine's distributed state (a one-process gloo group, unless the trainer already has one) is
+torn down by `close`.
+
 Deliberately left out: a separate vLLM server process, stop strings, beam search, and
 per-request LoRA in vLLM (LoRA is merged into the weights that are synced).
 """
@@ -78,6 +83,30 @@ def check_servable(adapter, *, sleep: bool = False, tensor_parallel_size: int = 
                 "32); use such a model or rollout: hf")
 
 
+def _llm_options(adapter, model_dir, seed, gpu_memory_utilization, sleep, tensor_parallel_size,
+                 max_model_len, max_images_per_prompt) -> dict:
+    """The arguments of vllm.LLM for this adapter's model."""
+    cuda = torch.cuda.is_available()
+    options = dict(
+        model=str(model_dir), tokenizer=str(model_dir), seed=seed,
+        dtype=str(adapter.model.dtype).removeprefix("torch."),
+        max_model_len=max_model_len,
+        # the log-probs of the tempered, masked distribution: the training forward's
+        logprobs_mode="processed_logprobs",
+        # every sampling setting comes from the trainer, none from generation_config.json
+        generation_config="vllm",
+        limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+        # the adapter's pixel bounds, so the processor keeps the adapter's fitted sizes
+        mm_processor_kwargs={"size": {"shortest_edge": adapter.min_pixels,
+                                      "longest_edge": adapter.max_pixels}},
+        enforce_eager=not cuda,  # the CPU build has no graph capture
+        tensor_parallel_size=tensor_parallel_size,
+    )
+    if cuda:
+        options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
+    return options
+
+
 def _cpu_head_sizes() -> list[int]:
     try:
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
@@ -105,24 +134,8 @@ class VLLMRollout:
         self.allowed = (~adapter.suppressed).nonzero().squeeze(-1).tolist()
         self._seeds = torch.Generator().manual_seed(seed)
         self._owns_dist = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        cuda = torch.cuda.is_available()
-        options = dict(
-            model=str(model_dir), tokenizer=str(model_dir), seed=seed,
-            dtype=str(adapter.model.dtype).removeprefix("torch."),
-            max_model_len=max_model_len,
-            # the log-probs of the tempered, masked distribution: the training forward's
-            logprobs_mode="processed_logprobs",
-            # every sampling setting comes from the trainer, none from generation_config.json
-            generation_config="vllm",
-            limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
-            # the adapter's pixel bounds, so the processor keeps the adapter's fitted sizes
-            mm_processor_kwargs={"size": {"shortest_edge": adapter.min_pixels,
-                                          "longest_edge": adapter.max_pixels}},
-            enforce_eager=not cuda,
-            tensor_parallel_size=tensor_parallel_size,
-        )
-        if cuda:
-            options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
+        options = _llm_options(adapter, model_dir, seed, gpu_memory_utilization, sleep,
+                               tensor_parallel_size, max_model_len, max_images_per_prompt)
         if not self._owns_dist:  # inside the trainer's own process group (torchrun / accelerate)
             options["distributed_executor_backend"] = "external_launcher"
         try:
