@@ -131,3 +131,14 @@ def test_rollout_vllm_without_vllm_is_one_line(tiny_dirs, fm_data, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "rollout: vllm needs vLLM, which is not installed: pip install 'gpg_vlm[vllm]'" in err[0]
+
+
+def test_smoke_config_parses_with_either_engine():
+    from pathlib import Path
+
+    from gpg_vlm.config import TrainConfig
+
+    path = Path(__file__).parent.parent / "configs" / "smoke" / "tiny_m_classification.yaml"
+    assert TrainConfig.from_yaml(str(path)).rollout == "hf"
+    cfg = TrainConfig.from_yaml(str(path), ["rollout=vllm", "max_steps=3"])
+    assert (cfg.rollout, cfg.max_steps, cfg.model) == ("vllm", 3, "runs/tiny-m-qwen2vl")
