@@ -17,7 +17,8 @@ from gpg_vlm import algo
 from gpg_vlm.models.batch import PromptBatch, Rollout
 from gpg_vlm.config import ConfigError, TrainConfig
 from gpg_vlm.dist import Processes
-from gpg_vlm.rewards import accuracy_reward, resolve_reward
+from gpg_vlm.rewards import (RewardError, accuracy_reward, call_reward, resolve_reward,
+                             take_over_budget)
 from gpg_vlm.tasks import reward_columns, row_category, samples_of
 
 
@@ -124,13 +125,10 @@ def score_completions(rewards: dict, weights: dict, texts: list[str], columns: d
     """Step 2: each reward's values (B,) by name, their weighted sum 'total', and 'accuracy'."""
     scores, total = {}, torch.zeros(len(texts), dtype=torch.float64)
     for name, fn in rewards.items():
-        try:
-            values = fn(texts, **columns)
-        except Exception as exc:  # a user's reward function: say which one failed
-            raise TrainingError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
-        values = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        if values.shape != total.shape or not torch.isfinite(values).all():
-            raise TrainingError(f"reward {name!r} must return {len(texts)} finite floats")
+        try:  # exactly B finite numbers, or one line naming the reward
+            values = torch.tensor(call_reward(name, fn, texts, columns), dtype=torch.float64)
+        except RewardError as exc:
+            raise TrainingError(str(exc)) from exc
         scores[name] = values
         total += weights[name] * values
     scores["total"] = total
@@ -153,6 +151,8 @@ def rollout_metrics(step: int, cfg: TrainConfig, got: Collected, informative: in
     }
     for name in cfg.rewards:
         m[f"reward/{name}"] = float(got.scores[name].mean())
+    # symbolic checks stopped at their time or memory budget (scored 0), this process
+    m["reward/over_budget"] = sum(take_over_budget().values())
     tasks = [row_category(got.rows[i]) for i in got.rollout.prompt_index.tolist()]
     for task in sorted(set(tasks)):
         sel = torch.tensor([t == task for t in tasks])

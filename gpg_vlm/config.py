@@ -116,6 +116,8 @@ class TrainConfig:
     """Lower bound on image pixels (None: 4 visual tokens, the qwen-vl-utils default)."""
     max_pixels: int | None = None
     """Upper bound on image pixels (None: 16384 visual tokens, the qwen-vl-utils default)."""
+    max_prompt_tokens: int | None = None
+    """A row whose prompt (template, system text, image tokens) is longer is a bad row at load (None: the model's context length minus max_new_tokens)."""
 
     # --- optimisation
     learning_rate: float = 1e-6
@@ -214,6 +216,8 @@ class TrainConfig:
             bad("kl_beta", f"must be >= 0 or null, got {self.kl_beta}")
         if self.epochs is not None and self.epochs <= 0:
             bad("epochs", f"must be > 0 or null, got {self.epochs}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens <= 0:
+            bad("max_prompt_tokens", f"must be > 0 or null, got {self.max_prompt_tokens}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             bad("max_minutes", f"must be > 0 or null, got {self.max_minutes}")
         if not 0.0 < self.top_p <= 1.0:

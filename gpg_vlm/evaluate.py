@@ -36,7 +36,7 @@ import torch
 from gpg_vlm.models.adapter import AdapterError, VLMAdapter
 from gpg_vlm.data import DataError, load_benchmark, load_rows
 from gpg_vlm.data.loading import check_images
-from gpg_vlm.tasks import evaluate_rows
+from gpg_vlm.tasks import evaluate_rows, fitting_rows
 
 
 # ----------------------------------------------------------------------------- gpg-vlm eval
@@ -63,7 +63,11 @@ def load_eval_rows(benchmark: str, data: str, image_root: str | None = None,
     """
     if benchmark not in BENCHMARK_NAMES:
         raise EvalError(f"unknown benchmark {benchmark!r}; valid names: {', '.join(BENCHMARK_NAMES)}")
-    if not Path(data).exists():
+    try:
+        found = Path(data).exists()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        raise EvalError(f"data {str(data)[:200]}: cannot use this path: {exc}") from None
+    if not found:
         raise EvalError(f"data {data}: no such file or folder")
     try:
         if benchmark in SCHEMA_FILES:
@@ -167,6 +171,8 @@ def _parser():
     p.add_argument("--temperature", type=float, default=None,
                    help="0 is greedy; default 0 with one sample, 1.0 with K > 1")
     p.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="a longer prompt is a bad row (default: the model's context length minus --max-new-tokens)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per generation batch")
     p.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="user text; {problem} is replaced")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -180,7 +186,7 @@ def _check_args(args) -> float:
     """Validate numbers and return the temperature to use."""
     if args.old_samples is not None:  # a "sample" is a prompt everywhere else in gpg_vlm
         raise EvalError("--samples was renamed to --completions (K completions per row)")
-    for name in ("limit", "max_new_tokens", "batch_size", "completions"):
+    for name in ("limit", "max_new_tokens", "max_prompt_tokens", "batch_size", "completions"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -212,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         except (AdapterError, OSError, ValueError) as exc:
             raise EvalError(f"cannot load model {args.model}: {exc}") from None
         adapter.model.eval()
+        try:  # prompts too long for the model, or holding its special tokens: one line, no traceback
+            rows = fitting_rows(adapter, rows, args.prompt_template, args.max_prompt_tokens,
+                                args.max_new_tokens)
+        except DataError as exc:
+            raise EvalError(str(exc)) from None
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         result = evaluate_rows(adapter, rows, args.prompt_template, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, temperature=temperature,

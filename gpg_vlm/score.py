@@ -31,6 +31,8 @@ import logging
 import sys
 from pathlib import Path
 
+from gpg_vlm.data.limits import parse_json
+from gpg_vlm.data.schema import DataError
 from gpg_vlm.rewards import (
     classification_reward, extract_answer, grounding_reward, reasoning_reward,
 )
@@ -121,10 +123,10 @@ def read_rows(path: Path, args) -> tuple[list[tuple[int, dict]], list[dict]]:
                     raise BadRow(f"{where}: line is not valid UTF-8 (byte {exc.start})") from None
                 if not text.strip():
                     continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise BadRow(f"{where}: invalid JSON at column {exc.colno}: {exc.msg}") from None
+                try:  # bounded depth and integer size: a bad row, never a RecursionError
+                    record = parse_json(text, where)
+                except DataError as exc:
+                    raise BadRow(str(exc)) from None
                 rows.append((number, parse_row(record, where, args)))
             except BadRow as exc:
                 if args.on_bad_row == "error":

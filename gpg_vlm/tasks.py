@@ -1,7 +1,8 @@
 """Dataset rows as the model and the rewards see them, for training and evaluation alike.
 
 `samples_of` turns rows into prompts (the template around the problem, the row's images);
-`reward_columns` builds the per-completion columns every reward receives; `row_category` is
+`reward_columns` builds the per-completion columns every reward receives; `fitting_rows` keeps
+the rows whose prompts the loaded model can take (data.limits); `row_category` is
 the group a row is reported under; `evaluate_rows` scores rows greedily (or sampled) with the
 accuracy reward, overall and per category. The trainer and the evaluator both import this module and
 neither imports the other, so a training reward and an evaluation metric cannot drift apart.
@@ -16,6 +17,7 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
+from gpg_vlm.data.limits import check_prompts, prompt_counter, special_tokens_of
 from gpg_vlm.models.batch import Sample
 from gpg_vlm.rewards import accuracy_reward
 from gpg_vlm.rollout import make_engine
@@ -49,6 +51,20 @@ def reward_columns(rows, batch, prompt_index: list[int], box_format: str) -> dic
     if any("precision" in rows[i].extra for i in set(prompt_index)):
         columns["precision"] = [rows[i].extra.get("precision") for i in prompt_index]
     return columns
+
+
+def fitting_rows(adapter, rows, prompt_template: str, max_prompt_tokens: int | None,
+                 max_new_tokens: int, on_bad_row: str = "error"):
+    """The rows whose prompts this model can take: no special token of its tokenizer, at most
+    `max_prompt_tokens` tokens (None: its context length minus `max_new_tokens`). Others are
+    bad rows (DataError naming the row, or skipped and counted under on_bad_row="skip")."""
+    limit = max_prompt_tokens
+    if limit is None:
+        context = getattr(adapter.model.config.get_text_config(), "max_position_embeddings", None)
+        limit = context - max_new_tokens if context else None
+    count = prompt_counter(adapter.tokenizer, prompt_template, adapter.factor, adapter.min_pixels,
+                           adapter.max_pixels)
+    return check_prompts(rows, count, limit, special_tokens_of(adapter.tokenizer), on_bad_row)
 
 
 def samples_of(rows, prompt_template: str) -> list[Sample]:

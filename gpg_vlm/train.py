@@ -48,7 +48,7 @@ from gpg_vlm.models.adapter import AdapterError, VLMAdapter
 from gpg_vlm.models.batch import micro_batches
 from gpg_vlm.rollout import RolloutError, RolloutSetupError, make_engine
 from gpg_vlm.run_log import RunLog, peak_memory_mb, quiet_unless_main
-from gpg_vlm.tasks import evaluate_rows
+from gpg_vlm.tasks import evaluate_rows, fitting_rows
 
 log = logging.getLogger("gpg_vlm.train")
 
@@ -107,13 +107,16 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        rewards = resolve_rewards(cfg)  # a bad reward name fails before anything is loaded
-        if cfg.rollout == "vllm":  # and a missing vLLM
+        # a bad reward name, or a reward that cannot take (completions, **columns), fails
+        # before anything is loaded
+        rewards = resolve_rewards(cfg)
+        if cfg.rollout == "vllm":  # and so does a missing vLLM
             from gpg_vlm.rollout.vllm import require_vllm
 
             require_vllm()
         self._load_rows()
         self._load_models(resume)
+        self._check_prompts()
         self.sampler = Sampler(cfg, self.adapter, self.rollout, self.procs, self.rows, rewards)
         self.objective = Objective(cfg)
         self.max_steps = cfg.max_steps
@@ -142,6 +145,21 @@ class Trainer:
         self.last_eval = None  # (step, per-item results) of the latest evaluation
         if cfg.eval_data:
             self.eval_rows = load_rows(cfg.eval_data, on_bad_row=cfg.on_bad_row)[: cfg.eval_limit or None]
+
+    def _check_prompts(self) -> None:
+        """Rows whose prompts the loaded model cannot take (too long, its special tokens) are
+        bad rows now, under on_bad_row, rather than errors in the middle of the run."""
+        cfg = self.cfg
+        limit = cfg.max_prompt_tokens
+        if cfg.rollout == "vllm":  # the engine refuses prompt + completion over its max_model_len
+            engine_limit = cfg.vllm_max_model_len - cfg.max_new_tokens
+            limit = engine_limit if limit is None else min(limit, engine_limit)
+        fit = dict(max_prompt_tokens=limit, max_new_tokens=cfg.max_new_tokens, on_bad_row=cfg.on_bad_row)
+        self.rows = fitting_rows(self.adapter, self.rows, cfg.prompt_template, **fit)
+        if not self.rows:
+            raise ConfigError(f"config key 'data': {cfg.data} holds no row whose prompt fits the model")
+        if self.eval_rows is not None:
+            self.eval_rows = fitting_rows(self.adapter, self.eval_rows, cfg.prompt_template, **fit)
 
     def _load_models(self, resume: Path | None) -> None:
         """Policy (trainable), reference (frozen, only when kl_beta > 0), optimizer, rollout engine."""

@@ -118,7 +118,7 @@ def test_math_verify_works_in_threads():
 def test_without_math_verify_numbers_still_work(monkeypatch):
     from gpg_vlm.rewards import reasoning
 
-    monkeypatch.setattr(reasoning, "_mv", False)  # as if the package were not installed
+    monkeypatch.setattr(reasoning, "_HAS_MATH_VERIFY", False)  # as if the package were not installed
     assert reasoning_reward(
         ["<answer>8\\sqrt{3}</answer>", "<answer>x+1</answer>", "<answer>x+1</answer>"],
         solution=["8√{3}", "x+1", "1+x"],

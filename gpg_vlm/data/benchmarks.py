@@ -17,15 +17,15 @@ alone. Formats are described in data/README.md.
 
 from __future__ import annotations
 
-import json
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpg_vlm.data.limits import parse_json
 from gpg_vlm.data.loading import Rows, build_rows, read_records
-from gpg_vlm.data.schema import DataError, Row, make_row
+from gpg_vlm.data.schema import DataError, Row, make_row, short
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,10 @@ def _field(record: dict, name: str, source: str, kind: type | tuple = str) -> An
     if not isinstance(value, kind) or isinstance(value, bool):
         raise DataError(f"{source}: field {name!r} has type {type(value).__name__}")
     return value
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def cvbench(source: str, record: dict, ctx: Context) -> list[dict]:
@@ -127,10 +131,11 @@ def mathvista(source: str, record: dict, ctx: Context) -> list[dict]:
         hint = _MATHVISTA_HINT.get(kind, "").format(precision=record.get("precision"))
         unit = record.get("unit")
         body = f"Question: {question}" + (f" (Unit: {unit})" if unit else "")
+        read = {"integer": int, "float": float, "list": lambda a: parse_json(a, f"{source}: field 'answer'")}
         try:
-            solution = {"integer": int, "float": float, "list": json.loads}.get(kind, str)(answer)
-        except ValueError:
-            raise DataError(f"{source}: field 'answer' {answer!r} is not a valid {kind}") from None
+            solution = read.get(kind, str)(answer)
+        except ValueError:  # DataError included
+            raise DataError(f"{source}: field 'answer' {short(answer)} is not a valid {kind}") from None
     keep = ("pid", "question_type", "answer_type", "precision", "unit", "metadata")
     extra = {k: record.get(k) for k in keep}
     metadata = record.get("metadata")
@@ -149,7 +154,10 @@ def refcoco(source: str, record: dict, ctx: Context) -> list[dict]:
     same object (one row each). VLM-R1 JSON: `problem` expression and `solution` xyxy box.
     """
     if "bbox" in record:
-        x, y, w, h = _field(record, "bbox", source, list)
+        bbox = _field(record, "bbox", source, list)
+        if len(bbox) != 4 or not all(_number(v) for v in bbox):
+            raise DataError(f"{source}: field 'bbox' must be 4 numbers [x, y, w, h], got {short(bbox)}")
+        x, y, w, h = bbox
         expressions = _field(record, "answer", source, (list, str))
         expressions = [expressions] if isinstance(expressions, str) else expressions
         image = record.get("image") or _field(record, "file_name", source)
@@ -168,9 +176,11 @@ def _lisa_records(folder: Path) -> list[tuple[str, Any]]:
     out = []
     for path in sorted(folder.glob("*.json")):
         try:
-            out.append((path.name, json.loads(path.read_bytes().decode("utf-8"))))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            out.append((path.name, parse_json(path.read_bytes().decode("utf-8"), path.name)))
+        except UnicodeDecodeError as exc:
             out.append((path.name, DataError(f"{path.name}: not a valid UTF-8 JSON file: {exc}")))
+        except DataError as exc:
+            out.append((path.name, exc))
     return out
 
 
@@ -186,8 +196,9 @@ def lisa(source: str, record: dict, ctx: Context) -> list[dict]:
         if not isinstance(shape, dict) or shape.get("label") != "target":
             continue
         pts = shape.get("points")
-        if not (isinstance(pts, list) and pts and all(isinstance(p, list) and len(p) == 2 for p in pts)):
-            raise DataError(f"{source}: field 'shapes'[{i}].points must be a list of [x, y] pairs")
+        if not (isinstance(pts, list) and pts and all(
+                isinstance(p, list) and len(p) == 2 and all(_number(v) for v in p) for p in pts)):
+            raise DataError(f"{source}: field 'shapes'[{i}].points must be a list of [x, y] number pairs")
         points.extend(pts)
     if not points:
         raise DataError(f"{source}: field 'shapes' has no 'target' polygon")

@@ -10,6 +10,10 @@ time, so a missing, corrupt, truncated or oversized file is reported at load wit
 and never later inside a batch. For very large datasets pass `check_images=False`; the same
 checks then run in `Row.load_images()` when the batch is built.
 
+JSON goes through `limits.parse_json` (bounded depth and integer size). Hugging Face folders
+are read as raw Arrow rows: `datasets` never decodes an image or audio column itself (its
+decoders open any format PIL or ffmpeg knows); images go through `images.open_image` only.
+
 `pyarrow` (parquet) and `datasets` (save_to_disk folders) are optional and imported lazily.
 """
 
@@ -22,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from gpg_vlm.data.schema import FIELDS, DataError, Row, boxes_of, make_row
+from gpg_vlm.data.limits import parse_json
+from gpg_vlm.data.schema import FIELDS, DataError, Row, boxes_of, make_row, short
 
 log = logging.getLogger("gpg_vlm.data")
 
@@ -56,19 +61,20 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             if not text.strip():
                 continue
             try:
-                yield source, json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield source, DataError(f"{source}: invalid JSON at column {exc.colno}: {exc.msg}")
+                yield source, parse_json(text, source)
+            except DataError as exc:
+                yield source, exc
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not a valid UTF-8 JSON file: {exc}") from None
+    data = parse_json(text, str(path))
     if isinstance(data, dict):  # keyed records, e.g. MathVista's pid -> record
         for key, record in data.items():
-            yield f"{path.name}[{key!r}]", record
+            yield f"{path.name}[{short(key, 60)}]", record
     elif isinstance(data, list):
         for i, record in enumerate(data):
             yield f"{path.name}[{i}]", record
@@ -81,27 +87,39 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own error types on a broken file
+        raise DataError(f"{path}: cannot read parquet: {type(exc).__name__}: {short(str(exc), 200)}") from None
     for i, record in enumerate(table.to_pylist()):
         yield f"{path.name}[{i}]", record
 
 
 def _hf_disk_records(path: Path) -> Iterator[tuple[str, Any]]:
     if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        info = parse_json((path / "dataset_dict.json").read_bytes(), str(path / "dataset_dict.json"))
+        splits = info.get("splits") if isinstance(info, dict) else None
+        splits = [s for s in splits if isinstance(s, str)] if isinstance(splits, list) else []
         raise DataError(f"{path}: a DatasetDict; pass one split folder, e.g. {path / (splits or ['train'])[0]}")
     try:
         import datasets
     except ImportError:
         raise DataError(f"{path}: reading a save_to_disk folder needs the datasets library: pip install datasets") from None
-    ds = datasets.load_from_disk(str(path))
+    # raw Arrow rows: image columns stay {"bytes", "path"} structs, decoded by open_image only
+    ds = datasets.load_from_disk(str(path)).with_format("arrow")
     for i in range(len(ds)):
-        yield f"{path.name}[{i}]", ds[i]
+        yield f"{path.name}[{i}]", ds[i].to_pylist()[0]
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(source, record) pairs of a file; a record that could not be parsed is a DataError."""
     path = Path(path)
+    try:
+        path.is_dir()
+        if "\x00" in str(path):
+            raise ValueError("a NUL byte in the path")
+    except (OSError, ValueError) as exc:  # over-long name
+        raise DataError(f"{short(str(path), 200)}: cannot use this path: {exc}") from None
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             return _hf_disk_records(path)
@@ -127,6 +145,17 @@ def check_images(row: Row) -> None:
                 raise DataError(f"{row.source}: field 'solution' box {list(box)} lies outside the {w}x{h} image")
 
 
+def _converted(convert: Callable[[str, Any], Iterable[Row]], source: str, record: Any) -> list[Row]:
+    try:
+        return list(convert(source, record))
+    except DataError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError,
+            RecursionError) as exc:  # a value of a type or size no check foresaw: still this row's fault
+        raise DataError(f"{source}: cannot convert this record: {type(exc).__name__}: "
+                        f"{short(str(exc), 200)}") from None
+
+
 def build_rows(
     records: Iterable[tuple[str, Any]],
     convert: Callable[[str, Any], Iterable[Row]],
@@ -141,7 +170,7 @@ def build_rows(
         try:
             if isinstance(record, DataError):
                 raise record
-            made = list(convert(source, record))
+            made = _converted(convert, source, record)
             if check:
                 for row in made:
                     check_images(row)

@@ -11,7 +11,15 @@ differs from `completions` raises ValueError naming it.
   `reasoning_reward`: reasoning.py (numbers in numeric.py); `grounding_reward`: grounding.py.
 - `accuracy_reward(completions, task, **columns)`: a mixed-task batch, dispatched per
   completion on the `task` column ("counting" is numeric reasoning).
-- `resolve_reward(spec)`: a built-in name or "package.module:function" from a config.
+- `resolve_reward(spec)`: a built-in name or "package.module:function" from a config, checked
+  when resolved (before any model loads): it must take the completions first and accept
+  `**columns`, and may require no argument that is not one of `COLUMNS`.
+- `call_reward(name, fn, completions, columns)`: the one way the trainer calls a reward: an
+  exception, or a return value that is not exactly B finite real numbers (a dict, None, a
+  string, a scalar, a wrong length, NaN), is a `RewardError` of one line naming the reward.
+- Budgets: the symbolic check runs under a hard time and memory budget (bounded.py); an item
+  that hits it scores 0. `take_over_budget()` -> {"time": n, "memory": m}, the items that
+  hit a budget since its previous call (per process): the trainer logs their sum per step.
 
 Deliberately left out: weighting and summing rewards (the trainer does that and logs each
 reward separately), and any reward that needs a model.
@@ -20,17 +28,30 @@ reward separately), and any reward that needs a model.
 import functools
 import importlib
 import inspect
+import math
+import numbers
 
 from gpg_vlm.rewards._columns import check_columns, per_item
 from gpg_vlm.rewards.answer import extract_answer, is_well_formatted
+from gpg_vlm.rewards.bounded import take_over_budget
 from gpg_vlm.rewards.classification import classification_reward
 from gpg_vlm.rewards.grounding import grounding_reward
 from gpg_vlm.rewards.reasoning import reasoning_reward
 
 __all__ = [
-    "accuracy_reward", "classification_reward", "extract_answer", "format_reward",
-    "grounding_reward", "reasoning_reward", "resolve_reward",
+    "COLUMNS", "RewardError", "accuracy_reward", "call_reward", "classification_reward",
+    "extract_answer", "format_reward", "grounding_reward", "reasoning_reward",
+    "resolve_reward", "take_over_budget",
 ]
+
+# The columns the trainer and `gpg-vlm eval` pass to every reward (tasks.reward_columns);
+# `precision` only when some row of the dataset has one.
+COLUMNS = ("solution", "task", "choices", "problem", "image_size", "model_image_size",
+           "box_format", "precision")
+
+
+class RewardError(ValueError):
+    """A reward that cannot be used or whose call failed; the message names the reward."""
 
 TASK_REWARDS = {
     "classification": classification_reward,
@@ -92,6 +113,72 @@ def _import_reward(spec: str):
     return fn
 
 
+def _check_signature(spec: str, fn) -> None:
+    """Refuse a function the trainer could not call as fn(completions, **columns)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: its calls are checked
+        return
+    kinds = [p.kind for p in params]
+    takes_first = params and kinds[0] in (inspect.Parameter.POSITIONAL_ONLY,
+                                          inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                          inspect.Parameter.VAR_POSITIONAL)
+    if not takes_first:
+        raise RewardError(f"reward {spec!r} must take the completions as its first argument")
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        raise RewardError(f"reward {spec!r} must accept **columns (every dataset column is passed "
+                          f"as a keyword: {', '.join(COLUMNS)})")
+    for p in params[1:]:
+        required = p.default is inspect.Parameter.empty and p.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY,
+            inspect.Parameter.POSITIONAL_ONLY)
+        if required and p.name not in COLUMNS:
+            raise RewardError(f"reward {spec!r} requires argument {p.name!r}, which is no column "
+                              f"(the columns are {', '.join(COLUMNS)}); give it a default")
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def reward_values(name: str, values, n: int) -> list[float]:
+    """`values` as n floats; RewardError naming the reward unless exactly n finite real numbers."""
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
+        values = values.tolist()  # numpy arrays and torch tensors
+    if values is None or isinstance(values, (dict, str, bytes, numbers.Number)):
+        kind = "None" if values is None else f"a {type(values).__name__} {_describe(values)}"
+        raise RewardError(f"reward {name!r} returned {kind}; it must return a list of {n} numbers, "
+                          "one per completion")
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(f"reward {name!r} returned a {type(values).__name__}; it must return a "
+                          f"list of {n} numbers")
+    if len(values) != n:
+        raise RewardError(f"reward {name!r} returned {len(values)} values for {n} completions")
+    out = []
+    for i, v in enumerate(values):
+        if not isinstance(v, numbers.Real):
+            raise RewardError(f"reward {name!r}: value {i} is {_describe(v)} ({type(v).__name__}), "
+                              "not a real number")
+        try:
+            f = float(v)
+        except (OverflowError, TypeError, ValueError):
+            f = math.nan
+        if not math.isfinite(f):
+            raise RewardError(f"reward {name!r}: value {i} is {_describe(v)}; rewards must be finite")
+        out.append(f)
+    return out
+
+
+def call_reward(name: str, fn, completions: list, columns: dict) -> list[float]:
+    """fn(completions, **columns) as B floats; RewardError naming `name` if it raises or misbehaves."""
+    try:
+        values = fn(completions, **columns)
+    except Exception as exc:  # noqa: BLE001 - a user's reward may raise anything: name it
+        raise RewardError(f"reward {name!r} raised {type(exc).__name__}: {str(exc)[:200]}") from exc
+    return reward_values(name, values, len(completions))
+
+
 def resolve_reward(spec: str, **options):
     """The reward function a config names: a built-in name or "package.module:function".
 
@@ -112,6 +199,7 @@ def resolve_reward(spec: str, **options):
             f"unknown reward {spec!r}; use one of {sorted(BUILTIN_REWARDS)} "
             "or 'package.module:function'"
         )
+    _check_signature(spec, fn)
     if not options:
         return fn
     params = inspect.signature(fn).parameters

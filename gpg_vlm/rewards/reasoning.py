@@ -18,26 +18,30 @@ Free form (no choices), tried in this order:
 1. a letter solution ("(C)") is matched by a letter answer and nothing else;
 2. numbers and constant expressions (numeric.py): equal within a relative 1e-6; with an
    integer `precision` (a MathVista column) the answer is first rounded to that many decimals;
-3. math-verify, if installed, for symbolic answers ("x+1" vs "1+x", sets, intervals). It is
-   imported lazily, run with its signal-based timeouts disabled so that it works in threads
-   and worker processes, and only on inputs that cannot make it run away: both sides at most
-   200 characters, no English words, only harmless LaTeX commands, no factorials, no
-   exponents beyond two digits or nested exponents. Both sides are read as LaTeX in full (its
-   default extraction would find "5" inside "3 or 5", or 8 inside "8\\sqrt{3}").
-4. text equality under `_key`: words normalised as in classification.py ("Yes" = "yes."),
+3. text equality under `_key`: words normalised as in classification.py ("Yes" = "yes."),
    but text with digits or maths symbols only case- and space-folded, since stripping edge
    punctuation would equate "-5" and "5" or "-x" and "x".
+4. math-verify, if installed, for symbolic answers ("x+1" vs "1+x", sets, intervals), only on
+   inputs of a harmless shape: both sides at most 200 characters, no English words, only
+   harmless LaTeX commands, no factorials, no exponents beyond two digits or nested
+   exponents. Both sides are read as LaTeX in full (its default extraction would find "5"
+   inside "3 or 5", or 8 inside "8\\sqrt{3}"). Shape guards cannot catch everything
+   (`(((9^{99})^{99})^{99})^{99}` passes them), so the check runs in a worker process under
+   a hard time and memory budget (bounded.py; its signal-based timeouts are off); an item
+   that hits a budget scores 0 and is counted (`take_over_budget()`).
 
 Deliberately left out: partial credit, fuzzy or nearest-choice matching (MathVista's own
 scorer picks the most similar choice; we do not), several answers for one question, and
 unit conversion.
 """
 
+import importlib.util
 import re
 import unicodedata
 
 from gpg_vlm.rewards._columns import check_columns, per_item
 from gpg_vlm.rewards.answer import extract_answer
+from gpg_vlm.rewards.bounded import Worker
 from gpg_vlm.rewards.classification import normalize_text
 from gpg_vlm.rewards.numeric import MAX_LENGTH, close, value_of
 
@@ -131,10 +135,24 @@ def _safe_for_math_verify(text: str) -> bool:
     return text.count("^") <= 4 and not re.search(r"\^\s*\{[^}]*\^", text)
 
 
-def _verify_symbolically(answer: str, solution: str) -> bool:
+# One check of each kind: sympy imports the code for powers, sets, trigonometry... on first
+# use, up to 0.8 s each, which must not count against the first timed check of that kind.
+_WARM_UP = [("x+1", "1+x"), ("x^2+2x+1", "(x+1)^2"), ("\\frac{1}{2}x", "x/2"), ("[1,2)", "[1,2)"),
+            ("\\{1,2\\}", "\\{2,1\\}"), ("\\sqrt{2}x", "x\\sqrt{2}"), ("x \\le 3", "x<=3"),
+            ("\\sin(x)^2+\\cos(x)^2", "1"), ("a=b", "b=a")]
+
+
+def warm_up() -> None:
+    """Import math-verify and sympy and run `_WARM_UP` before the first timed check."""
+    if not _math_verify():
+        raise ImportError("math-verify is not installed")
+    for answer, solution in _WARM_UP:
+        symbolic_equal(answer, solution)
+
+
+def symbolic_equal(answer: str, solution: str) -> bool:
+    """math-verify's verdict on two LaTeX strings; unbounded, so it runs only in the worker."""
     mv = _math_verify()
-    if not mv or not (_safe_for_math_verify(answer) and _safe_for_math_verify(solution)):
-        return False
     try:
         config = [mv.LatexExtractionConfig()]
 
@@ -144,8 +162,21 @@ def _verify_symbolically(answer: str, solution: str) -> bool:
 
         gold, pred = parse(solution), parse(answer)
         return bool(gold and pred and mv.verify(gold, pred, timeout_seconds=None))
+    except MemoryError:
+        raise  # the worker reports it as a budget hit
     except Exception:  # math-verify and sympy may raise anything on odd input
         return False
+
+
+_HAS_MATH_VERIFY = importlib.util.find_spec("math_verify") is not None
+# started on the first symbolic check; the training process itself never imports sympy
+SYMBOLIC = Worker("gpg_vlm.rewards.reasoning:symbolic_equal")
+
+
+def _verify_symbolically(answer: str, solution: str) -> bool:
+    if not (_HAS_MATH_VERIFY and _safe_for_math_verify(answer) and _safe_for_math_verify(solution)):
+        return False
+    return SYMBOLIC.call(answer, solution, default=False) is True
 
 
 def _is_precision(p) -> bool:
@@ -178,10 +209,10 @@ def answers_match(answer: str, solution, choices=None, precision=None) -> bool:
         if _is_precision(precision):
             got = round(got, int(precision))
         return close(got, want)
-    if _verify_symbolically(answer, solution):
-        return True
     key = _key(answer)
-    return bool(key) and key == _key(solution)
+    if key and key == _key(solution):
+        return True
+    return _verify_symbolically(answer, solution)
 
 
 def reasoning_reward(
