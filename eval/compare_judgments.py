@@ -3,27 +3,32 @@
 MathVista (lupantech/MathVista, results/*/output_*.json) publishes, for each model and each
 testmini problem, the model's free-text `response`, the answer its GPT-4 step extracted from
 it (`extraction`), and its verdict `true_false`. This script turns such a file (the published
-JSON object keyed by pid, or a JSONL of the same records) into `score`'s input, with the
-extracted answer as the completion's answer (`<answer>{extraction}</answer>`), scores it with
-the training reward (task `choice` for multi_choice rows, `math` otherwise, with the row's
-`precision`) and reports item-by-item agreement with `true_false`.
+JSON object keyed by pid, or a JSONL of the same records) into `score`'s rows and scores them
+in-process with the training reward (gpg_vlm.score.score_records: task `choice` for
+multi_choice rows, `math` otherwise, with the row's `precision`), then reports item-by-item
+agreement with `true_false`. Two readings:
 
-What it measures: our answer comparison against MathVista's normalisation on the same
-extracted answers. It does not measure answer extraction: MathVista uses GPT-4 for that, and
-our reward reads only `<answer>` tags.
+- `--read extraction` (default): the completion is `<answer>{extraction}</answer>`, so only
+  our answer comparison is measured against MathVista's, on the same extracted answers;
+- `--read response`: the completion is the model's own free text, scored with `--extract`
+  (lenient by default), so our rule-based extraction replaces their GPT-4 step as well.
 
-    python eval/compare_judgments.py output_gpt4.json [more files...] [--show 10]
+Records without a verdict or an answer are left out; a record `score` refuses as a bad row
+(e.g. an answer that is none of its choices) is counted under `bad_rows`, not compared.
+
+    python eval/compare_judgments.py output_gpt4.json [more files...] [--read response] [--show 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
+
+from gpg_vlm.score import score_records
+from gpg_vlm.score_rows import BadRow
 
 
 def load_records(path: Path) -> list[dict]:
@@ -34,7 +39,17 @@ def load_records(path: Path) -> list[dict]:
     return list(data.values()) if isinstance(data, dict) else list(data)
 
 
-def to_score_rows(records: list[dict]) -> list[dict]:
+def _verdict(value) -> bool:
+    """MathVista writes true_false as a bool, or as "True"/"False" in some result files."""
+    return value is True or str(value).strip().lower() == "true"
+
+
+def _choices(record: dict):
+    choices = record.get("choices")
+    return choices if isinstance(choices, list) else None
+
+
+def to_score_rows(records: list[dict], read: str = "extraction") -> list[dict]:
     """One `score` row per record that has a judgment; its pid and verdict kept alongside."""
     rows = []
     for r in records:
@@ -43,71 +58,98 @@ def to_score_rows(records: list[dict]) -> list[dict]:
         extraction = r.get("extraction")
         extraction = "" if extraction is None else str(extraction)
         multi = r.get("question_type") == "multi_choice"
+        precision = r.get("precision") if r.get("answer_type") == "float" else None
+        if isinstance(precision, str):  # some files write "1.0" or "None"
+            precision = int(float(precision)) if precision.replace(".", "").isdigit() else None
+        completion = (f"<answer>{extraction}</answer>" if read == "extraction"
+                      else str(r.get("response") or ""))
         rows.append({
-            "pid": r.get("pid"),
-            "completion": f"<answer>{extraction}</answer>",
-            "solution": r["answer"],
-            "choices": r.get("choices") if multi else None,
-            "precision": r.get("precision") if r.get("answer_type") == "float" else None,
-            "task": "choice" if multi else "math",
-            "judged": bool(r["true_false"]),
-            "prediction": r.get("prediction"),
+            "pid": r.get("pid"), "completion": completion, "solution": r["answer"],
+            "choices": _choices(r) if multi else None, "precision": precision,
+            "task": "choice" if multi else "math", "judged": _verdict(r["true_false"]),
+            "extraction": extraction, "prediction": r.get("prediction"),
             "answer_type": r.get("answer_type"),
         })
     return rows
 
 
-def score(rows: list[dict], task: str) -> list[float]:
-    """Rewards from the real command line, so the comparison covers `gpg-vlm score` itself."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp) / "in.jsonl", Path(tmp) / "out.json"
-        src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        cmd = [sys.executable, "-m", "gpg_vlm.cli", "score", "--predictions", str(src),
-               "--task", task, "--output", str(out)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        return [item["reward"] for item in json.loads(out.read_text())["items"]]
+def _score(rows: list[dict], task: str, extract: str) -> tuple[list, list]:
+    """(reward or None per row, bad rows) scored in-process, one call for the good rows."""
+    good, bad = [], []
+    for i, row in enumerate(rows):
+        try:
+            score_records([row], task, extract)  # the CLI's row checks, one row at a time
+            good.append(i)
+        except BadRow as exc:
+            bad.append({"pid": row["pid"], "reason": str(exc).split(": ", 1)[-1]})
+    items = score_records([rows[i] for i in good], task, extract)
+    out = [None] * len(rows)
+    for i, item in zip(good, items):
+        out[i] = item
+    return out, bad
 
 
-def compare(records: list[dict]) -> dict:
-    rows = to_score_rows(records)
-    rewards = {}
+def compare(records: list[dict], read: str = "extraction", extract: str | None = None) -> dict:
+    extract = extract or ("strict" if read == "extraction" else "lenient")
+    rows = to_score_rows(records, read)
+    items, bad_rows = {}, []
     for task in ("choice", "math"):
         part = [r for r in rows if r["task"] == task]
-        if part:
-            rewards.update(zip((id(r) for r in part), score(part, task)))
-    confusion, disagreements = Counter(), []
+        scored, bad = _score(part, task, extract)
+        items.update((id(r), s) for r, s in zip(part, scored))
+        bad_rows += bad
+    confusion, disagreements, steps = Counter(), [], Counter()
     for r in rows:
-        ours = rewards[id(r)] >= 1.0
+        item = items[id(r)]
+        if item is None:
+            continue
+        ours = item["reward"] >= 1.0
+        steps[item["extracted_by"]] += 1
         confusion[(ours, r["judged"])] += 1
         if ours != r["judged"]:
             disagreements.append({"pid": r["pid"], "ours": ours, "theirs": r["judged"],
-                                  "answer_type": r["answer_type"], "extraction": r["completion"][8:-9],
+                                  "answer_type": r["answer_type"], "extraction": r["extraction"],
+                                  "our_answer": item["answer"], "extracted_by": item["extracted_by"],
                                   "prediction": r["prediction"], "solution": r["solution"],
                                   "choices": r["choices"]})
-    n = len(rows)
+    n = sum(confusion.values())
     agree = confusion[(True, True)] + confusion[(False, False)]
-    return {"n": n, "agreement": agree / n if n else 0.0,
+    return {"n": n, "read": read, "extract": extract, "agreement": agree / n if n else 0.0,
             "ours_right_theirs_wrong": confusion[(True, False)],
             "ours_wrong_theirs_right": confusion[(False, True)],
             "accuracy_ours": sum(v for (o, _), v in confusion.items() if o) / max(1, n),
             "accuracy_theirs": sum(v for (_, t), v in confusion.items() if t) / max(1, n),
-            "disagreements": disagreements}
+            "extracted_by": dict(steps), "bad_rows": bad_rows, "disagreements": disagreements}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", type=Path, help="MathVista output_*.json (or .jsonl) files")
+    p.add_argument("--read", choices=("extraction", "response"), default="extraction",
+                   help="score their extracted answer, or the model's own free-text response")
+    p.add_argument("--extract", choices=("strict", "lenient"), default=None,
+                   help="extraction mode (default: strict for extraction, lenient for response)")
     p.add_argument("--show", type=int, default=5, help="print this many disagreements per file")
+    p.add_argument("--json", type=Path, default=None, help="also write every result here")
     args = p.parse_args(argv)
+    results, total, agree = {}, 0, 0
     for path in args.files:
-        result = compare(load_records(path))
+        result = compare(load_records(path), args.read, args.extract)
+        results[path.name] = result
+        total, agree = total + result["n"], agree + round(result["agreement"] * result["n"])
         print(f"{path.name}: {result['n']} items, agreement {100 * result['agreement']:.2f}% "
               f"(ours {100 * result['accuracy_ours']:.2f}% vs theirs {100 * result['accuracy_theirs']:.2f}%; "
               f"we accept {result['ours_right_theirs_wrong']} they reject, "
-              f"we reject {result['ours_wrong_theirs_right']} they accept)")
+              f"we reject {result['ours_wrong_theirs_right']} they accept; "
+              f"{len(result['bad_rows'])} bad rows; by step {result['extracted_by']})")
         for d in result["disagreements"][: args.show]:
-            print(f"  pid {d['pid']}: ours={d['ours']} theirs={d['theirs']} extraction={d['extraction']!r} "
-                  f"prediction={d['prediction']!r} solution={d['solution']!r} choices={d['choices']}")
+            print(f"  pid {d['pid']}: ours={d['ours']} theirs={d['theirs']} ours read "
+                  f"{d['our_answer']!r} ({d['extracted_by']}), theirs {d['extraction']!r} -> "
+                  f"{d['prediction']!r}; solution={d['solution']!r} choices={d['choices']}")
+    if len(args.files) > 1 and total:
+        print(f"all files: {total} items, agreement {100 * agree / total:.2f}%")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, ensure_ascii=False, default=str) + "\n")
     return 0
 
 

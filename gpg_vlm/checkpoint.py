@@ -3,7 +3,8 @@
 A checkpoint `OUTPUT/checkpoint-STEP/` holds the model and processor files
 (`save_pretrained`, loadable by `gpg-vlm eval` or transformers directly), `optimizer.pt`
 (optimizer and scheduler state, loaded with `torch.load(weights_only=True)`) and
-`trainer_state.json` (step, data position, RNG states from `rng_state`, config). It is written into a hidden
+`trainer_state.json` (step, data position, RNG states from `rng_state`, config, the run id and
+its lineage: see gpg_vlm.run_folder). It is written into a hidden
 temporary folder and renamed into place, so a process killed while saving leaves the previous
 checkpoint untouched; `latest_checkpoint` only ever returns complete ones.
 
@@ -72,16 +73,26 @@ def checkpoint_to_resume(option: str | None, output_dir: str | Path) -> Path | N
     return resume
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model, base_model_dir: str | Path,
+def save_checkpoint(output_dir: str | Path, step: int, model, processor_dirs,
                     optimizer_state: dict, trainer_state: dict, keep: int) -> Path:
-    """Write checkpoint-`step` atomically, then delete all but the newest `keep`."""
+    """Write checkpoint-`step` atomically, then delete all but the newest `keep` of its lineage.
+
+    `trainer_state["lineage"]` (run ids, this run's last) decides which checkpoints are this
+    run's own: only those are pruned or replaced; another run's checkpoint-`step` is an error.
+    `processor_dirs`: where the tokenizer and processor files come from, first found wins.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
+    lineage = trainer_state.get("lineage") or []
+    if final.exists() and not owned_by(final, lineage):
+        raise CheckpointError(f"could not save checkpoint {final}: that folder belongs to another run "
+                              "(its trainer_state.json names another run id); nothing was replaced")
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        copy_processor_files(base_model_dir, tmp)
+        for source in ([processor_dirs] if isinstance(processor_dirs, (str, Path)) else processor_dirs):
+            copy_processor_files(source, tmp)
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         # the state file is written last: its presence marks the folder complete
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n", encoding="utf-8")
@@ -98,11 +109,22 @@ def save_checkpoint(output_dir: str | Path, step: int, model, base_model_dir: st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in checkpoints(output_dir)[:-keep]:
+    for old in [c for c in checkpoints(output_dir) if owned_by(c, lineage)][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    # temporary folders of a process killed mid-save; the folder lock (gpg_vlm.run_folder)
+    # guarantees no live process is writing one
     for stale in output_dir.glob(".checkpoint-*"):  # left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def owned_by(checkpoint: Path, lineage: list[str]) -> bool:
+    """Whether `checkpoint` was written by one of the runs of `lineage` (unrecorded: an older version's)."""
+    try:
+        state = json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # incomplete or unreadable: never ours to delete
+    return (state.get("run_id") or "unrecorded") in lineage
 
 
 def copy_processor_files(src_dir: str | Path, dst_dir: str | Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -16,9 +17,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gpg_vlm.train", "GPG / GRPO / Dr.GRPO training from a YAML config"),
     "eval": ("gpg_vlm.evaluate", "evaluate a checkpoint on a benchmark"),
     "score": ("gpg_vlm.score", "score pre-generated completions with the training rewards"),
+    "check-reward": ("gpg_vlm.check_reward", "run a reward function over known hacks and edge cases"),
     "demo": ("gpg_vlm.demo", "CPU demo: warm-up, then GPG on Fashion-MNIST"),
-    "bench": ("gpg_vlm.bench", "side-by-side speed and memory benchmark against TRL"),
+    "bench": ("bench.harness", "side-by-side speed and memory benchmark against TRL"),
 }
+# Commands whose code lives in the source checkout beside the package, not in the package itself.
+CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT_PACKAGES = ("bench",)
+
+
+def checkout_module(module_name: str):
+    """Import `module_name` (e.g. "bench.harness") from the source checkout this package runs from.
+
+    Raises LookupError with a one-line reason when the package is installed without its checkout.
+    """
+    top = module_name.split(".")[0]
+    where = CHECKOUT / top / "__init__.py"
+    if not where.is_file():
+        raise LookupError(f"this needs the source checkout ({top}/ beside gpg_vlm/, not found at "
+                          f"{where.parent}); clone the repository and run it from there")
+    if str(CHECKOUT) not in sys.path:
+        sys.path.insert(0, str(CHECKOUT))
+    module = importlib.import_module(module_name)
+    if not Path(module.__file__).resolve().is_relative_to(CHECKOUT):  # another `bench` shadows ours
+        raise LookupError(f"{module_name} was imported from {module.__file__}, not from {CHECKOUT}")
+    return module
 
 
 def _usage() -> str:
@@ -46,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, _ = COMMANDS[name]
     try:
-        module = importlib.import_module(module_name)
+        if module_name.split(".")[0] in CHECKOUT_PACKAGES:
+            module = checkout_module(module_name)
+        else:
+            module = importlib.import_module(module_name)
+    except LookupError as exc:
+        print(f"gpg-vlm {name}: {exc}", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("gpg_vlm"):
             print(f"gpg-vlm: command {name!r} is not available in this version", file=sys.stderr)

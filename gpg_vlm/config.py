@@ -28,6 +28,7 @@ ALGORITHMS = ("gpg", "grpo", "dr_grpo")
 ROLLOUTS = ("hf", "vllm")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 # keys of earlier versions -> what replaced them (one line each, instead of "unknown key")
@@ -179,6 +180,12 @@ class TrainConfig:
     trust_remote_code: bool = False
     """Let transformers run code shipped with the checkpoint. Off: checkpoints are data."""
 
+    # --- who owns the output folder (gpg_vlm/run_folder.py)
+    overwrite_output_dir: bool = False
+    """Start fresh in an output_dir that holds another run: its files are moved (never deleted) into output_dir/replaced-<id>/, and the run says so. Off: such a run is refused."""
+    allow_config_change: bool = False
+    """On --resume, accept changes to keys that define the run (model, data, algorithm, group_size, rewards, ...; RUN_DEFINING). Off: refused; other changes are listed in a warning."""
+
     def __post_init__(self):
         def bad(key, why):
             raise ConfigError(f"config key {key!r}: {why}")
@@ -248,7 +255,43 @@ class TrainConfig:
                 bad("rewards", f"entries are name: weight, got {name!r}: {weight!r}")
         if len(self.adam_betas) != 2:
             bad("adam_betas", f"needs two values, got {self.adam_betas!r}")
+        self._check_ranges(bad)
         self._resolve_by_algorithm()
+
+    def _check_ranges(self, bad) -> None:
+        """Every number finite and in range, and the names the loaders take, before anything loads."""
+        import math
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                bad(f.name, f"must be a finite number, got {value!r}")
+        if not 0 < self.learning_rate <= 1:
+            bad("learning_rate", f"must be in (0, 1] (AdamW moves each weight by about lr per step), got {self.learning_rate}")
+        for b in self.adam_betas:
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
+                bad("adam_betas", f"each must be a number in [0, 1), got {self.adam_betas!r}")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_alpha <= 0:
+            bad("lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        if self.lora_r and not self.lora_target_modules:
+            bad("lora_target_modules", "needs at least one module name when lora_r > 0")
+        if not all(isinstance(m, str) and m for m in self.lora_target_modules):
+            bad("lora_target_modules", f"must be module names, got {self.lora_target_modules!r}")
+        for key in ("min_pixels", "max_pixels", "eval_limit"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                bad(key, f"must be >= 1 or null, got {getattr(self, key)}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            bad("min_pixels", f"{self.min_pixels} is above max_pixels {self.max_pixels}")
+        if not 0 <= self.seed < 2**63:
+            bad("seed", f"must be in [0, 2**63), got {self.seed}")
+        if not str(self.output_dir).strip():
+            bad("output_dir", "must name a folder, got an empty string")
+        if self.attn_implementation not in ATTENTION:
+            bad("attn_implementation", f"{self.attn_implementation!r} is not one of "
+                f"{', '.join(a for a in ATTENTION if a)} or null")
 
     def _resolve_by_algorithm(self) -> None:
         """Fill the None of `scale_by_std` / `kl_beta` with the algorithm's own choice."""

@@ -199,7 +199,8 @@ def train_config(algorithm: str, task: str, overrides: dict, paths: dict, minute
     by_task = {"max_new_tokens": DEFAULT_NEW_TOKENS[task],
                "kl_beta": DEFAULT_KL[task] if algorithm == "gpg" else None}
     mine = {k: v for k, v in overrides.items() if algorithm == "gpg" or k != "kl_beta"}
-    values = {**TRAINING, **by_task, **mine, **paths, "algorithm": algorithm,
+    # the demo owns its folder: a previous demo run there is moved aside (replaced-<id>/), not mixed in
+    values = {**TRAINING, "overwrite_output_dir": True, **by_task, **mine, **paths, "algorithm": algorithm,
               "max_minutes": minutes, "seed": seed, "prompt_template": TEMPLATE}
     return TrainConfig.from_dict(values, where="--set")
 
@@ -262,7 +263,6 @@ def main(argv: list[str]) -> int:
     warm_up(paths["base"], paths["train"], paths["warm"], args.task, settings, args.seed)
     results = {}
     for algorithm, cfg in configs.items():
-        (Path(cfg.output_dir) / "metrics.jsonl").unlink(missing_ok=True)
         results[algorithm] = run_algorithm(cfg, args.task)
     shown = {**dataclasses.asdict(settings), **next(iter(configs.values())).to_dict()}
     summary = write_reports(out, args.task, results, shown, time.perf_counter() - t0,

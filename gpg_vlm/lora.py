@@ -19,6 +19,15 @@ def add_lora(model, cfg: TrainConfig):
     """Freeze `model` and inject LoRA layers (cfg.lora_*) into it; returns the LoraConfig."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in cfg.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"config key 'lora_target_modules': {', '.join(missing)} name(s) no module of "
+                          f"{cfg.model}; its linear layers are named {', '.join(linear)}")
     model.requires_grad_(False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules))

@@ -2,7 +2,7 @@
 
 `samples_of` turns rows into prompts (the template around the problem, the row's images);
 `reward_columns` builds the per-completion columns every reward receives; `fitting_rows` keeps
-the rows whose prompts the loaded model can take (data.limits); `row_category` is
+the rows whose prompts the loaded model can take (data.prompts); `row_category` is
 the group a row is reported under; `evaluate_rows` scores rows greedily (or sampled) with the
 accuracy reward, overall and per category. The trainer and the evaluator both import this module and
 neither imports the other, so a training reward and an evaluation metric cannot drift apart.
@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from gpg_vlm.data.limits import check_prompts, prompt_counter, special_tokens_of
+from gpg_vlm.data.prompts import check_prompts, prompt_counter, special_tokens_of
 from gpg_vlm.models.batch import Sample
 from gpg_vlm.rewards import accuracy_reward
 from gpg_vlm.rollout import make_engine

@@ -15,6 +15,11 @@ old-log-prob pass and GRPO's ratio is 1 at the update); completions whose advant
 are not run through the training forward under GPG (their gradient is exactly zero); the
 reference model exists only where kl_beta is > 0 (GRPO's default; opt-in for the others).
 
+What is never lost: the main process locks output_dir and settles which run owns it
+(gpg_vlm.run_folder) before any model loads; an error after step k saves step k (unless the disk
+failed) and prints the resume command; SIGTERM, SIGINT and SIGHUP finish the step and save; a
+second Ctrl-C stops at once; an update that leaves a non-finite weight stops the run unsaved.
+
 This module holds the loop and the choices it makes; the numbers it moves between processes
 (gpg_vlm.dist), where they are written (gpg_vlm.run_log), what a checkpoint holds
 (gpg_vlm.checkpoint, gpg_vlm.lora) and what a row means (gpg_vlm.tasks) live beside it.
@@ -23,8 +28,11 @@ This module holds the loop and the choices it makes; the numbers it moves betwee
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import logging
 import math
+import os
 import random
 import shlex
 import signal
@@ -47,6 +55,7 @@ from gpg_vlm.lora import LoraSaver, add_lora, load_lora
 from gpg_vlm.models.adapter import AdapterError, VLMAdapter
 from gpg_vlm.models.batch import micro_batches
 from gpg_vlm.rollout import RolloutError, RolloutSetupError, make_engine
+from gpg_vlm.run_folder import FolderLock, RunFolderError, check_config_change, claim
 from gpg_vlm.run_log import RunLog, peak_memory_mb, quiet_unless_main
 from gpg_vlm.tasks import evaluate_rows, fitting_rows
 
@@ -91,7 +100,9 @@ class Objective:
 class Trainer:
     """One run: set-up, then `train()` calls `train_step()` until the step or time budget ends."""
 
-    def __init__(self, cfg: TrainConfig, resume: Path | None = None):
+    def __init__(self, cfg: TrainConfig, resume: Path | None = None, resuming: bool | None = None):
+        """`resume`: the checkpoint to continue; `resuming`: --resume was given (default: resume
+        is not None), so a folder whose run never saved a checkpoint may be started again."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -104,7 +115,18 @@ class Trainer:
         if cfg.prompts_per_step % self.procs.world:
             raise ConfigError(f"config key 'prompts_per_step': {cfg.prompts_per_step} is not divisible "
                               f"by the {self.procs.world} processes; use a multiple of {self.procs.world}")
+        _check_dtype(cfg.dtype, self.acc.device)
         self.out = Path(cfg.output_dir)
+        self.lock = None
+        try:
+            self._claim_folder(resume, resume is not None if resuming is None else resuming)
+            self._set_up(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, resume: Path | None) -> None:
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         # a bad reward name, or a reward that cannot take (completions, **columns), fails
@@ -122,7 +144,9 @@ class Trainer:
         self.max_steps = cfg.max_steps
         if cfg.epochs is not None:
             self.max_steps = max(1, math.ceil(cfg.epochs * len(self.rows) / cfg.prompts_per_step))
-        self.step = self.nonfinite = 0
+        self.step = self.nonfinite = self.saved_step = 0
+        self.weights_bad = False  # set when an update left non-finite weights: nothing more is saved
+        self.mid_update = False
         self.train_seconds = 0.0  # training time only: evaluation and saving are not counted
         self.stop_requested = None
         # printed when a signal stops the run; `main` replaces it with the exact command line
@@ -133,9 +157,44 @@ class Trainer:
         self.engine_stale = False
         if resume is not None:
             self._resume(Path(resume))
+            self.saved_step = self.step
             self.engine_stale = True
+        self.good_state = self._state()  # what an error before the next step saves
+
+    def close(self) -> None:
+        """Give the output folder back (the lock); the trainer stays usable for evaluation."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ------------------------------------------------------------- set-up
+    def _claim_folder(self, resume: Path | None, resuming: bool) -> None:
+        """Lock output_dir, check a resumed config, and settle this run's lineage (main process)."""
+        cfg, say = self.cfg, lambda text: print(text, file=sys.stderr)
+        state = None
+        if resume is not None:
+            try:
+                state = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{resume}: unreadable trainer_state.json ({exc})") from None
+            check_config_change(state.get("config", {}), cfg.to_dict(), cfg.allow_config_change,
+                                Path(resume), say if self.procs.is_main else lambda text: None)
+        # processor and tokenizer files of new checkpoints come from the weights' own model
+        self.processor_dirs = [resume, cfg.model] if resume is not None and not cfg.lora_r else [cfg.model]
+        self.lineage, refused = None, None
+        if self.procs.is_main:  # only the main process holds the lock and writes files
+            try:
+                self.lock = FolderLock(self.out).acquire()
+                if self.lock.took_over:
+                    say(f"{self.out}: took over the lock left by a process that is gone "
+                        f"({self.lock.took_over})")
+                self.lineage, _ = claim(self.out, None if resume is None else Path(resume), state,
+                                        resuming, cfg.overwrite_output_dir, say)
+            except RunFolderError as exc:
+                refused = exc
+        if self.procs.main_decides(refused is not None):  # every process stops, not only the main
+            raise refused or RunFolderError(f"{self.out}: refused by the main process (see its message)")
+
     def _load_rows(self) -> None:
         cfg = self.cfg
         self.rows = load_rows(cfg.data, on_bad_row=cfg.on_bad_row)
@@ -256,6 +315,9 @@ class Trainer:
             time_reward=got.reward_seconds, time_train=time.perf_counter() - t1, time_step=step_time,
             tokens_per_second=int(got.rollout.completion_mask.sum()) * procs.world / max(step_time, 1e-9),
             peak_memory_mb=peak_memory_mb(),
+            # "shared_prefix", or "full_rows" (gradient checkpointing, or a cache the adapter
+            # cannot index): which training forward ran
+            training_forward=self.adapter.training_forward,
         )
         return metrics
 
@@ -286,6 +348,8 @@ class Trainer:
             out["entropy"] = procs.sum(entropy) / procs.world
         if math.isfinite(out["loss"]) and math.isfinite(grad_norm):
             self.optimizer.step()
+            self.mid_update = True  # weights of step k+1, state of step k until the step ends
+            self._check_weights()
             self.engine_stale = True  # loaded at the start of the next step (sync_weights)
             out["updated"], self.nonfinite = True, 0
         else:
@@ -346,6 +410,23 @@ class Trainer:
         gap = ((lp - got.rollout.logprobs).abs() * got.rollout.completion_mask).max()
         return max(self.procs.gather_floats(float(gap)))
 
+    def _check_weights(self) -> None:
+        """Stop, saving nothing of this step, when the update left a NaN or infinite weight."""
+        with torch.no_grad():  # one device sync for all tensors
+            finite = torch.stack([torch.isfinite(p).all() for p in self.params]).cpu()  # (P,)
+        bad = (~finite).nonzero().flatten().tolist()
+        if not self.procs.sum(len(bad)):
+            return
+        self.weights_bad = True  # these weights are never saved
+        names = {id(p): n for n, p in self.adapter.model.named_parameters()}
+        first = names.get(id(self.params[bad[0]]), f"parameter {bad[0]}") if bad else "on another process"
+        last = self.out / f"checkpoint-{self.saved_step}" if self.saved_step else None
+        raise TrainingError(
+            f"step {self.step + 1}: the update left non-finite weights ({len(bad)} tensor(s), first "
+            f"{first}); they were not saved. The last good checkpoint is "
+            f"{last or 'none (no checkpoint was saved yet; set save_steps)'}; "
+            f"lower learning_rate (now {self.cfg.learning_rate:g}) or max_grad_norm")
+
     def _clip_and_check(self) -> float:
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         return float(self.acc.clip_grad_norm_(self.params, limit))
@@ -366,26 +447,54 @@ class Trainer:
                 run_log.log(self._eval_record())
             while self.step < self.max_steps:
                 t = time.perf_counter()
-                drawn = (self.sampler.stream.state(), self.sampler.generator.get_state())
-                try:
-                    metrics = self.train_step()
-                except RolloutError as exc:
-                    raise self._engine_failed(exc, drawn) from exc
+                metrics = self.train_step()
                 self.train_seconds += time.perf_counter() - t
                 metrics["train_seconds"] = self.train_seconds
                 self.step += 1
+                self.mid_update = False
+                self.good_state = self._state()  # the step is complete: this is what a save holds
                 run_log.log(metrics)
                 if self._after_step():
                     break
             if self.procs.world > 1:
                 run_log.log({"step": self.step,
                              "parameter_checksums": self.procs.gather_floats(self.parameter_checksum())})
+        except Exception as exc:
+            self._keep_progress(exc)
+            raise
         finally:
             for sig, handler in previous_handlers.items():
                 if handler is not None:  # None: set outside Python, cannot be put back
                     signal.signal(sig, handler)
             run_log.close()
+            self.close()
         return run_log.history
+
+    def _keep_progress(self, exc: Exception) -> None:
+        """An error stopped the run after step k: save step k (unless the disk failed) and say so.
+
+        Only the process that met the error runs this, so it writes without waiting for the
+        others (in a multi-process run, only when that is the main process).
+        """
+        k = self.good_state["step"]
+        if not self.procs.is_main or k == 0 or self.weights_bad:
+            return
+        if self.mid_update:  # the weights moved past step k: a save would mix two steps
+            self.run_log.say(f"not saving: the error came after step {k + 1}'s update; the last "
+                             f"checkpoint is {self.out / f'checkpoint-{self.saved_step}' if self.saved_step else 'none'}")
+            return
+        if isinstance(exc, CheckpointError) or getattr(exc, "errno", None) in _DISK_ERRNOS:
+            self.run_log.say(f"not saving after a disk error; the last checkpoint is "
+                             f"{self.out / f'checkpoint-{self.saved_step}' if self.saved_step else 'none'}")
+            return
+        try:
+            path = self._write_checkpoint(self.good_state) if self.saved_step != k else \
+                self.out / f"checkpoint-{k}"
+        except Exception as again:  # noqa: BLE001 - say both, keep the first error as the cause
+            self.run_log.say(f"{type(exc).__name__} after step {k}; saving checkpoint-{k} failed too: {again}")
+            return
+        self.run_log.say(f"stopped by {type(exc).__name__} after step {k}: progress saved in {path}. "
+                         f"Resume with: {self.resume_command}")
 
     def _after_step(self) -> bool:
         """Step 6: stop on non-finite steps; evaluate and save at their intervals. True: stop."""
@@ -412,16 +521,6 @@ class Trainer:
             return True
         return False
 
-    def _engine_failed(self, exc: RolloutError, drawn) -> TrainingError:
-        """The engine failed before this step changed any weight: save the last finished step,
-        with the prompt stream and sampling generator as they were when this step began."""
-        stream, generator = drawn
-        self.sampler.stream = PromptStream(len(self.rows), self.cfg.seed, **stream)
-        self.sampler.generator.set_state(generator)
-        path = self.save()
-        return TrainingError(f"stopped: {exc} (in step {self.step + 1}); step {self.step} is saved in "
-                             f"{path}. Resume with: {self.resume_command}")
-
     # --------------------------------------------------- evaluation, checkpoints
     def evaluate(self) -> dict:
         self.adapter.model.eval()
@@ -435,23 +534,31 @@ class Trainer:
         return {"step": self.step, "train_seconds": self.train_seconds,
                 **{f"eval/{k}": v for k, v in result.items()}}
 
-    def save(self) -> Path:
-        state = {
+    def _state(self) -> dict:
+        """The trainer state of a checkpoint of the current step (every process takes part)."""
+        return {
             "step": self.step,
             "stream": self.sampler.stream.state(),
             "nonfinite": self.nonfinite,
             "rng": rng_state(self.procs.gather_objects(self.sampler.generator.get_state().tolist())),
             "world_size": self.procs.world,
             "config": self.cfg.to_dict(),
+            "run_id": self.lineage[-1] if self.lineage else None,
+            "lineage": self.lineage,
         }
-        path = None
-        if self.procs.is_main:
-            model = LoraSaver(self.adapter.model) if self.cfg.lora_r else self.adapter.model
-            path = save_checkpoint(self.out, self.step, model, self.cfg.model,
-                                   {"optimizer": self.optimizer.state_dict()},
-                                   state, keep=self.cfg.save_total_limit)
+
+    def save(self) -> Path:
+        path = self._write_checkpoint(self.good_state) if self.procs.is_main else None
         self.procs.wait()
         return path or self.out / f"checkpoint-{self.step}"
+
+    def _write_checkpoint(self, state: dict) -> Path:
+        model = LoraSaver(self.adapter.model) if self.cfg.lora_r else self.adapter.model
+        path = save_checkpoint(self.out, state["step"], model, self.processor_dirs,
+                               {"optimizer": self.optimizer.state_dict()},
+                               state, keep=self.cfg.save_total_limit)
+        self.saved_step = state["step"]
+        return path
 
     def _resume(self, path: Path) -> None:
         state, opt = load_checkpoint_state(path)
@@ -467,13 +574,35 @@ class Trainer:
         restore_rng(state["rng"], self.sampler.generator, self.procs.index)
 
 
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
+def _check_dtype(dtype: str, device: torch.device) -> None:
+    """Refuse, before any model loads, a dtype the device cannot train in."""
+    if device.type == "cpu" and dtype == "float16":
+        raise ConfigError("config key 'dtype': float16 cannot be trained on the CPU (no float16 "
+                          "matmul backward there); use float32 or bfloat16")
+    if device.type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"config key 'dtype': bfloat16 is not supported by {torch.cuda.get_device_name()}; "
+                          "use float32 or float16")
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C: stop now, saving nothing."""
+
+
 def _catch_stop_signals(trainer: Trainer) -> dict:
-    """SIGTERM / SIGINT finish the current step, save and stop; returns the old handlers."""
+    """SIGTERM / SIGINT / SIGHUP finish the current step, save and stop; a second Ctrl-C stops
+    at once. Returns the old handlers."""
     def handler(signum, frame):
+        if trainer.stop_requested is not None and signum == signal.SIGINT:
+            raise StoppedAtOnce()
         trainer.stop_requested = signal.Signals(signum).name
+        if signum == signal.SIGINT and trainer.procs.is_main:
+            os.write(2, b"\nCtrl-C: finishing this step, then saving; Ctrl-C again stops at once\n")
 
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         try:
             previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread
@@ -511,7 +640,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = TrainConfig.from_yaml(args.config, args.overrides)
-        trainer = Trainer(cfg, resume=checkpoint_to_resume(args.resume, cfg.output_dir))
+        trainer = Trainer(cfg, resume=checkpoint_to_resume(args.resume, cfg.output_dir),
+                          resuming=bool(args.resume))
         trainer.resume_command = _resume_command(argv)
         try:
             history = trainer.train()
@@ -525,6 +655,10 @@ def main(argv: list[str]) -> int:
     except (TrainingError, CheckpointError, RolloutError, OSError) as exc:
         print(f"gpg-vlm train: {exc}", file=sys.stderr)
         return 1
+    except StoppedAtOnce:
+        print("gpg-vlm train: stopped at once by a second Ctrl-C; nothing was saved after the last "
+              "checkpoint", file=sys.stderr)
+        return 130
     steps = [h for h in history if "reward" in h]
     if steps and trainer.procs.is_main:
         print(f"done: {trainer.step} steps, last reward {steps[-1]['reward']:.3f}; "

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints of each family, built once per test session.
+"""Shared fixtures: tiny checkpoints of each family and Fashion-MNIST rows, built once per test
+session, and free ports for multi-process tests. Plain helper functions are in helpers.py.
 
 Test checkpoints use a larger initialisation (std 0.2 instead of Qwen's 0.02) so that the
 log-probs depend strongly on every input: a scrambled patch or a wrong position changes them
@@ -6,10 +7,11 @@ by far more than the tolerances the tests use.
 """
 
 import importlib.util
+import socket
 
 import pytest
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl_moe")
 TEST_INIT_STD = 0.2
 
 
@@ -43,6 +45,25 @@ def adapters(tiny_dirs):
         return loaded[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def fm_data(tmp_path_factory):
+    """A few Fashion-MNIST classification rows (real images, from the committed sample)."""
+    from gpg_vlm.data.prepare import main as prepare
+
+    out = tmp_path_factory.mktemp("fm")
+    assert prepare(["fashion-mnist", "--out", str(out), "--train-size", "32", "--test-size", "8",
+                    "--tasks", "classification", "--seed", "1"]) == 0
+    return out
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bound to port 0, then released) for torchrun."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""The VLM adapter against the facts that bite, for all three families, fp32 on CPU.
+"""The VLM adapter against the facts that bite, for every family, fp32 on CPU.
 
 Tolerances: equal computations agree to ~5e-6 here; the tests allow 1e-4. The negative
 controls show that a real mistake (another image, scrambled patches, missing
@@ -311,6 +311,7 @@ def test_shared_prefix_equals_full_rows_in_value_and_gradient(adapters, family):
 
     adapter.model.train()
     try:
+        assert adapter.training_forward == "shared_prefix"
         shared, g_shared = value_and_grads(False)
         full, g_full = value_and_grads(True)
     finally:
@@ -318,7 +319,9 @@ def test_shared_prefix_equals_full_rows_in_value_and_gradient(adapters, family):
     assert (shared - full).abs().max() < TOL
     assert g_shared.keys() == g_full.keys() and len(g_shared) > 10
     for name in g_shared:
-        assert torch.allclose(g_shared[name], g_full[name], rtol=1e-3, atol=1e-5), name
+        # fp32 sums in another order: elements agree to 1e-6 of the tensor's largest gradient
+        scale = float(g_full[name].abs().max())
+        assert torch.allclose(g_shared[name], g_full[name], rtol=1e-3, atol=1e-5 + 1e-6 * scale), name
 
 
 def test_policy_scores_by_hand():

@@ -10,9 +10,12 @@ import json
 import pytest
 import torch
 
-from gpg_vlm import bench
+from gpg_vlm.cli import checkout_module
 from gpg_vlm.models.batch import Sample
 from gpg_vlm.rollout import hf, make_engine
+
+bench = checkout_module("bench.harness")  # the harness lives in the checkout's bench/, not the package
+report = checkout_module("bench.report")
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
@@ -68,11 +71,11 @@ def test_bench_reward_is_the_same_for_plain_and_conversational_completions():
 
 def test_write_readme_replaces_only_the_results_block(tmp_path):
     path = tmp_path / "README.md"
-    path.write_text(f"# Bench\nhow to run\n\n{bench.README_START}\nold\n{bench.README_END}\ntail\n")
+    path.write_text(f"# Bench\nhow to run\n\n{report.README_START}\nold\n{report.README_END}\ntail\n")
     bench.write_readme(path, "| new |")
     bench.write_readme(path, "| newer |")
     text = path.read_text()
-    assert text == f"# Bench\nhow to run\n\n{bench.README_START}\n| newer |\n{bench.README_END}\ntail\n"
+    assert text == f"# Bench\nhow to run\n\n{report.README_START}\n| newer |\n{report.README_END}\ntail\n"
 
 
 def test_summarize_flags_unequal_completion_lengths_and_prompts():
@@ -112,3 +115,20 @@ def test_bench_smoke_run_of_every_variant(tmp_path):
     table = bench.markdown(report)
     assert all(f"| {name} |" in table for name in variants)
     json.dumps(report)  # the output file is plain JSON
+
+
+def test_bench_command_without_the_checkout_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    from gpg_vlm import cli
+
+    monkeypatch.setattr(cli, "CHECKOUT", tmp_path)  # an installed package: no bench/ beside it
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "source checkout" in err and str(tmp_path) in err
+
+
+def test_bench_help_runs_from_the_checkout(capsys):
+    from gpg_vlm import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "--help"])
+    assert stop.value.code == 0 and "--quick" in capsys.readouterr().out

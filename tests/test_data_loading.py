@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import struct
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -15,31 +13,7 @@ from PIL import Image
 
 from gpg_vlm.data import DataError, Row, load_rows, make_row, save_jsonl
 from gpg_vlm.data.images import MAX_PIXELS, image_size, open_image
-
-
-def png(path: Path, value: int = 128, size=(16, 12), mode="RGB") -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    color = value if mode in ("L", "I;16", "P") else (value,) * len(mode)
-    Image.new(mode, size, color).save(path)
-    return path.name
-
-
-def bomb_png(path: Path, side: int = 20000) -> None:
-    """A valid 1-bit grayscale PNG of side x side pixels (a few KB, about 400 M pixels)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\0" * (1 + side // 8)
-    z = zlib.compressobj(9)
-    body = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
-
-
-def write_jsonl(path: Path, records: list) -> Path:
-    lines = [r if isinstance(r, bytes) else json.dumps(r).encode() for r in records]
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return path
+from helpers import bomb_png, png, write_jsonl
 
 
 def row(i: int, **kw) -> dict:

@@ -18,6 +18,7 @@ RECIPES = {  # recipe -> (Fashion-MNIST task with the same reward, tiny model fa
     "qwen2vl2b_lisa_grounding.yaml": ("grounding", "qwen2_vl"),
     "qwen2vl2b_fewshot_classification.yaml": ("classification", "qwen2_vl"),
     "qwen25vl3b_geoqa.yaml": ("counting", "qwen2_5_vl"),  # numeric answers
+    "qwen35_sat_cvbench.yaml": ("spatial", "qwen3_5"),  # the hybrid linear-attention decoder
 }
 CPU_SIZED = dict(dtype="float32", max_steps=1, prompts_per_step=2, group_size=2,
                  max_new_tokens=4, max_resample_tries=0, eval_data=None, tensorboard=False)

@@ -33,8 +33,7 @@ import yaml
 from PIL import Image
 
 from gpg_vlm.cli import main as cli
-from test_data_loading import bomb_png, png, write_jsonl
-from test_train import fm_data, losses, make_config  # noqa: F401 - fm_data is a fixture
+from helpers import bomb_png, losses, make_config, png, write_jsonl
 
 TESTS = Path(__file__).parent
 PACKAGE = TESTS.parent / "gpg_vlm"

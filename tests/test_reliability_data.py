@@ -24,8 +24,10 @@ from PIL import Image
 
 from gpg_vlm.data import DataError, load_benchmark, load_rows
 from gpg_vlm.data.images import FORMATS, MAX_ASPECT_RATIO, image_size, open_image
-from gpg_vlm.data.limits import MAX_JSON_DEPTH, check_prompts, parse_json, prompt_counter
+from gpg_vlm.data.limits import MAX_JSON_DEPTH, parse_json
+from gpg_vlm.data.prompts import check_prompts, prompt_counter
 from gpg_vlm.data.schema import CONTROL_TOKENS
+from helpers import make_config  # fm_data, the fixture it pairs with, is in conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,7 +171,7 @@ def test_prompt_count_includes_image_tokens_and_refuses_thin_strips(tmp_path):
 
 
 def test_the_tokenizers_own_special_tokens_are_bad_rows(tmp_path):
-    from gpg_vlm.data.limits import special_tokens_of
+    from gpg_vlm.data.prompts import special_tokens_of
     from gpg_vlm.tiny import build_tokenizer
 
     png(tmp_path / "1.png")
@@ -496,8 +498,6 @@ def test_parsing_limits_in_score(tmp_path):
 
 
 # ---- wired into the trainer and `gpg-vlm eval` -----------------------------------------------
-
-from test_train import fm_data, make_config  # noqa: E402,F401 - fm_data is a fixture
 
 PLANTED_REWARDS = '''
 from gpg_vlm.rewards import reasoning_reward

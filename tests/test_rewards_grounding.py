@@ -147,3 +147,42 @@ def test_parse_boxes_forms_and_order():
     text = 'first (1,2),(3,4) then {"bbox_2d": [5, 6, 7, 8]} and [-1.5, 0, 2.5, 3]'
     assert parse_boxes(text) == [(1, 2, 3, 4), (5, 6, 7, 8), (-1.5, 0, 2.5, 3)]
     assert len(parse_boxes("[0,0,1,1]" * 500)) == 100
+
+
+# Each family's own frame (gpg_vlm.models.family; sources in its docstring): Qwen2.5-VL writes
+# pixels of the resized image, every other family 0-1000 of the image.
+FAMILY_FRAMES = {"qwen2_vl": "rel1000", "qwen2_5_vl": "abs_resized", "qwen3_vl": "rel1000",
+                 "qwen3_vl_moe": "rel1000", "qwen3_5": "rel1000", "qwen3_5_moe": "rel1000"}
+# One box in each frame, by hand, for an original 200 x 100 image the model saw as 400 x 200,
+# with the truth [20, 10, 60, 50] in original pixels:
+# rel1000: [100,100,300,500] * (200/1000, 100/1000) = [20, 10, 60, 50]
+# abs_resized: [40,20,120,100] * (200/400, 100/200) = [20, 10, 60, 50]
+FRAME_ANSWERS = {"rel1000": '{"bbox_2d": [100, 100, 300, 500]}',
+                 "abs_resized": '{"bbox_2d": [40, 20, 120, 100]}'}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FRAMES))
+def test_each_family_is_scored_in_its_own_frame(family):
+    from gpg_vlm.models.family import FAMILIES
+
+    frame = FAMILIES[family].box_format
+    assert frame == FAMILY_FRAMES[family]
+    other = next(f for f in FRAME_ANSWERS if f != frame)
+
+    def score(answer):
+        return grounding_reward([f"<answer>{answer}</answer>"], solution=[[20, 10, 60, 50]],
+                                image_size=[(200, 100)], model_image_size=[(400, 200)],
+                                box_format=[frame])[0]
+
+    assert score(FRAME_ANSWERS[frame]) == pytest.approx(1.0)
+    # negative control, by hand: the other frame's numbers read in this one miss the truth.
+    # rel1000 reading [40,20,120,100] -> [8,2,24,10]: overlap only along y=10, IoU 0;
+    # abs_resized reading [100,100,300,500] -> [50,50,150,250] clipped to [50,50,150,100]:
+    # overlap only along y=50, IoU 0.
+    assert score(FRAME_ANSWERS[other]) == 0.0
+
+
+def test_every_family_has_a_frame_test():
+    from gpg_vlm.models.family import FAMILIES
+
+    assert set(FAMILIES) == set(FAMILY_FRAMES)

@@ -14,32 +14,71 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_same_seed_same_checkpoint_other_seed_other_weights(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5_moe"])
+def test_same_seed_same_checkpoint_other_seed_other_weights(tmp_path, family):
     from gpg_vlm.tiny import make_tiny_model
 
-    a = make_tiny_model("qwen2_vl", "xs", tmp_path / "a", seed=3)
-    b = make_tiny_model("qwen2_vl", "xs", tmp_path / "b", seed=3)
-    c = make_tiny_model("qwen2_vl", "xs", tmp_path / "c", seed=4)
+    a = make_tiny_model(family, "xs", tmp_path / "a", seed=3)
+    b = make_tiny_model(family, "xs", tmp_path / "b", seed=3)
+    c = make_tiny_model(family, "xs", tmp_path / "c", seed=4)
     for name in ("model.safetensors", "tokenizer.json", "config.json", "chat_template.jinja",
                  "preprocessor_config.json"):
         assert digest(a / name) == digest(b / name), name
     assert digest(a / "model.safetensors") != digest(c / "model.safetensors")
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe",
+                                    "qwen3_vl_moe"])
 def test_plain_transformers_loads_the_checkpoint(tiny_dirs, family):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+    from gpg_vlm.tiny import MODEL_CLASSES
 
     path = tiny_dirs(family)
     assert AutoConfig.from_pretrained(path).model_type == family
     model = AutoModelForImageTextToText.from_pretrained(path)
     from gpg_vlm.models.family import FAMILIES
 
-    assert type(model).__name__ == FAMILIES[family].model_class
+    assert type(model).__name__ == MODEL_CLASSES[family] == FAMILIES[family].model_class
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok("<|im_start|>user\nhéllo ✓ 😀<|im_end|>", add_special_tokens=False)["input_ids"]
     assert tok.convert_tokens_to_ids("<|im_start|>") == ids[0]
     assert tok.decode(ids) == "<|im_start|>user\nhéllo ✓ 😀<|im_end|>"  # any text round-trips
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_hybrid_families_keep_the_real_layer_pattern_and_tokenizer(tmp_path, family):
+    """Qwen3.5: linear attention with full attention every 4th layer; its own tokenizer class."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from gpg_vlm.tiny import make_tiny_model
+
+    m = make_tiny_model(family, "m", tmp_path / "m")
+    text = AutoConfig.from_pretrained(m).text_config
+    assert text.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    assert text.linear_num_value_heads == 2 * text.linear_num_key_heads  # the real 1:2 ratio
+    rotary = int(text.head_dim * text.rope_parameters["partial_rotary_factor"])
+    assert sum(text.rope_parameters["mrope_section"]) == rotary // 2
+    if family == "qwen3_5_moe":
+        assert (text.num_experts, text.num_experts_per_tok) == (4, 2)
+    xs = AutoConfig.from_pretrained(make_tiny_model(family, "xs", tmp_path / "xs")).text_config
+    assert xs.layer_types == ["linear_attention", "full_attention"]  # both cache kinds, 2 layers
+    assert type(AutoTokenizer.from_pretrained(m)).__name__ == "Qwen3_5Tokenizer"
+
+
+def test_qwen35_template_has_the_thinking_switch(tiny_dirs):
+    from transformers import AutoTokenizer
+
+    path = tiny_dirs("qwen3_5")
+    tok = AutoTokenizer.from_pretrained(path)
+    template = (path / "chat_template.jinja").read_text()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    head = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi?<|im_end|>\n<|im_start|>assistant\n"
+    on = tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                 add_generation_prompt=True)
+    off = tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                  add_generation_prompt=True, enable_thinking=False)
+    assert on == head + "<think>\n" and off == head + "<think>\n\n</think>\n\n"
 
 
 def test_chat_template_matches_the_qwen_format(adapters):

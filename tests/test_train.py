@@ -10,34 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpg_vlm.config import TrainConfig
+from helpers import losses, make_config
 
 TESTS = Path(__file__).parent
-
-
-@pytest.fixture(scope="module")
-def fm_data(tmp_path_factory):
-    """A few Fashion-MNIST classification rows (real images, from the committed sample)."""
-    from gpg_vlm.data.prepare import main as prepare
-
-    out = tmp_path_factory.mktemp("fm")
-    assert prepare(["fashion-mnist", "--out", str(out), "--train-size", "32", "--test-size", "8",
-                    "--tasks", "classification", "--seed", "1"]) == 0
-    return out
-
-
-def make_config(tiny_dirs, fm_data, out, **changes):
-    values = dict(
-        model=str(tiny_dirs("qwen2_vl")), data=str(fm_data / "classification_train.jsonl"),
-        output_dir=str(out), group_size=4, prompts_per_step=4, max_new_tokens=6,
-        learning_rate=1e-3, max_steps=2, rewards={"rewards_for_tests:parity_reward": 1.0},
-        tensorboard=False, lr_schedule="constant", max_resample_tries=0)
-    values.update(changes)
-    return TrainConfig(**values)
-
-
-def losses(history):
-    return [h["loss"] for h in history if "loss" in h]
 
 
 def test_training_changes_parameters_and_writes_metrics(tiny_dirs, fm_data, tmp_path):
@@ -162,11 +137,11 @@ def test_freeze_vision_and_lora_train_only_what_they_should(tiny_dirs, fm_data, 
     assert (tmp_path / "lora" / "checkpoint-2" / "adapter_model.safetensors").is_file()
 
 
-def test_two_process_ddp_on_cpu(tiny_dirs, fm_data, tmp_path):
+def test_two_process_ddp_on_cpu(tiny_dirs, fm_data, tmp_path, free_port):
     """torchrun with 2 CPU processes (gloo): one global alpha, identical weights everywhere."""
     out = tmp_path / "ddp"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", "29533", "-m", "gpg_vlm.cli", "train",
+            "--master_port", str(free_port), "-m", "gpg_vlm.cli", "train",
             f"model={tiny_dirs('qwen2_vl')}", f"data={fm_data / 'classification_train.jsonl'}",
             f"output_dir={out}", "group_size=4", "prompts_per_step=4", "max_new_tokens=6",
             "learning_rate=1e-3", "max_steps=2", "tensorboard=false", "max_resample_tries=1",
@@ -189,10 +164,10 @@ def test_two_process_ddp_on_cpu(tiny_dirs, fm_data, tmp_path):
     assert any(r["updated"] for r in steps)
 
 
-def test_prompts_per_step_must_divide_over_processes(tiny_dirs, fm_data, tmp_path):
+def test_prompts_per_step_must_divide_over_processes(tiny_dirs, fm_data, tmp_path, free_port):
     out = tmp_path / "ddp"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", "29534", "-m", "gpg_vlm.cli", "train",
+            "--master_port", str(free_port), "-m", "gpg_vlm.cli", "train",
             f"model={tiny_dirs('qwen2_vl')}", f"data={fm_data / 'classification_train.jsonl'}",
             f"output_dir={out}", "prompts_per_step=3", "max_steps=1"]
     run = subprocess.run(args, capture_output=True, text=True, timeout=300,
@@ -209,3 +184,5 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_dirs, fm_data, tmp_path
     ckpt = Trainer(make_config(tiny_dirs, fm_data, tmp_path / "b", max_steps=1,
                                gradient_checkpointing=True)).train()
     assert losses(plain) and abs(losses(plain)[0] - losses(ckpt)[0]) < 1e-5
+    forward = [[h["training_forward"] for h in run if "loss" in h] for run in (plain, ckpt)]
+    assert forward == [["shared_prefix"], ["full_rows"]]  # recorded in the metrics

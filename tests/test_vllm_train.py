@@ -10,7 +10,7 @@ import torch
 
 from gpg_vlm.models.adapter import VLMAdapter
 from gpg_vlm.tiny import make_tiny_model
-from test_train import fm_data, make_config  # noqa: F401 - fm_data is a fixture
+from helpers import make_config
 
 pytestmark = pytest.mark.vllm
 
@@ -30,7 +30,7 @@ def run(cfg, resume=None):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_three_vllm_steps_train_and_resume_exactly(family, tiny_dirs, fm_data, tmp_path):  # noqa: F811
+def test_three_vllm_steps_train_and_resume_exactly(family, tiny_dirs, fm_data, tmp_path):
     from gpg_vlm.checkpoint import latest_checkpoint
 
     model = make_tiny_model(family, "m", tmp_path / "model", seed=0, init_std=0.1)

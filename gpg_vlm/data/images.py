@@ -35,7 +35,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from gpg_vlm.data.schema import DataError
+from gpg_vlm.data.errors import DataError
 
 # PIL's default bomb limit (about 89.5 M pixels); an explicit constant so that a caller who
 # sets `Image.MAX_IMAGE_PIXELS = None` elsewhere does not switch our check off.

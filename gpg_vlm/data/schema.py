@@ -8,7 +8,7 @@ The field meanings are documented in data/README.md.
 Text that reaches the prompt (`problem`, `system`, `choices`) may not hold the Qwen-VL
 control tokens in `CONTROL_TOKENS`: a tokenizer reads them as tokens, not text, so a row
 could forge a chat turn (`<|im_start|>assistant`) or an image slot (`<|image_pad|>`). Once a
-tokenizer is loaded, `data.limits.check_prompts` also refuses its own special tokens.
+tokenizer is loaded, `data.prompts.check_prompts` also refuses its own special tokens.
 Image paths with a NUL byte or a name longer than the file system allows are refused here,
 never handed to the OS.
 
@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpg_vlm.data.errors import DataError
+from gpg_vlm.data.images import image_size, open_image
+
 TASKS = ("grounding", "classification", "reasoning")
 FIELDS = ("image", "problem", "solution", "task", "choices", "system")
 # Special tokens of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL tokenizers (chat turns, vision slots,
@@ -36,10 +39,6 @@ CONTROL_TOKENS = tuple(f"<|{name}|>" for name in (
 _CONTROL = re.compile("|".join(re.escape(t) for t in CONTROL_TOKENS))
 # Linux limits: 255 bytes per path component, 4096 per path
 MAX_NAME_BYTES, MAX_PATH_BYTES = 255, 4096
-
-
-class DataError(ValueError):
-    """A dataset row, file or image that cannot be used; the message names source and field."""
 
 
 @dataclass(frozen=True)
@@ -63,15 +62,11 @@ class Row:
 
     def load_images(self) -> list:
         """Decode every image as RGB; raises DataError naming source, field and file."""
-        from gpg_vlm.data.images import open_image
-
         return [open_image(self._checked(i), self.image_where(i)) for i in range(len(self.images))]
 
     @property
     def image_sizes(self) -> list[tuple[int, int]]:
         """Original (W, H) of each image, read from the headers only."""
-        from gpg_vlm.data.images import image_size
-
         return [image_size(self._checked(i), self.image_where(i)) for i in range(len(self.images))]
 
     def image_where(self, i: int) -> str:

@@ -126,6 +126,9 @@ class VLMAdapter:
         self.suppressed = suppressed  # (V,)
         # the training forward; a trainer hands it to its data-parallel wrapper (set_scorer)
         self.scorer = TokenScorer(model, suppressed)
+        # whether rollout may repeat the prompt cache and the training forward index it
+        self.cache_indexable = self.scorer.cache_indexable
+        self._token_scorer = self.scorer  # set_scorer may wrap it; this keeps the module itself
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -133,7 +136,7 @@ class VLMAdapter:
                         device: str | torch.device | None = None, min_pixels: int | None = None,
                         max_pixels: int | None = None, trust_remote_code: bool = False
                         ) -> "VLMAdapter":
-        """Load a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint directory (family from config)."""
+        """Load a checkpoint directory of a family in gpg_vlm.models.family (read from config)."""
         import transformers
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
@@ -205,7 +208,7 @@ class VLMAdapter:
                       for im in sample.images]
             text = self.tokenizer.apply_chat_template(
                 self.messages(sample), chat_template=self.chat_template, tokenize=False,
-                add_generation_prompt=True)
+                add_generation_prompt=True, **dict(self.facts.template_kwargs))
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             grid = None
             if fitted:
@@ -331,6 +334,13 @@ class VLMAdapter:
         """Recompute activations in the backward pass; the training forward then runs full rows."""
         self.facts.enable_checkpointing(self.model)
         self.model.config.use_cache = True  # generation still uses the KV cache
+
+    @property
+    def training_forward(self) -> str:
+        """Which training forward `logprobs` runs now: "shared_prefix" (each prompt once, its
+        cache indexed per completion) or "full_rows" (gradient checkpointing, or a cache type
+        gpg_vlm.models.cache cannot index)."""
+        return self._token_scorer.path()
 
     def set_scorer(self, scorer: torch.nn.Module) -> None:
         """Use `scorer` (this adapter's TokenScorer wrapped for data parallelism) for `logprobs`."""

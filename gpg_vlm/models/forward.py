@@ -24,6 +24,8 @@ import inspect
 
 import torch
 
+from gpg_vlm.models import cache as cache_ops
+
 
 def policy_scores(logits: torch.Tensor, temperature: float, suppressed: torch.Tensor) -> torch.Tensor:
     """Tempered logits in fp32 with the suppressed ids at -inf. (..., V) -> (..., V)
@@ -61,7 +63,9 @@ class TokenScorer(torch.nn.Module):
     with gradients, their KV cache is indexed out to the b completion rows (`rows`), and only
     the completion tokens run on top of it; gradients from all G completions flow back into
     their prompt's one pass. With gradient checkpointing (which cannot keep a cache) each row
-    runs prompt + completion in full, with each image still encoded once (`row_images`).
+    runs prompt + completion in full, with each image still encoded once (`row_images`); so
+    does a model whose cache holds a layer type gpg_vlm.models.cache cannot index (`path()`
+    says which one runs; the trainer records it).
     Returns the log-probs (b, T) of the completion tokens under the tempered,
     vision-token-masked distribution; 0 where `completion_mask` is 0.
     """
@@ -70,6 +74,13 @@ class TokenScorer(torch.nn.Module):
         super().__init__()
         self.model = model
         self.suppressed = suppressed  # (V,) bool, not a parameter
+        self.cache_indexable = cache_ops.model_cache_indexable(model)
+
+    def path(self) -> str:
+        """The forward the next call runs: "shared_prefix" or "full_rows"."""
+        if self.cache_indexable and not _activation_checkpointing(self.model):
+            return "shared_prefix"
+        return "full_rows"
 
     def forward(self, prompt_ids, prompt_mask, prompt_positions, prompt_mm, pixel_values,
                 image_grid_thw, rows, row_images, completion_ids, completion_mask,
@@ -80,7 +91,7 @@ class TokenScorer(torch.nn.Module):
         steps = torch.arange(t, device=completion_ids.device)
         completion_pos = (next_pos[rows, None] + steps).unsqueeze(0).expand(3, -1, -1)  # (3, b, T)
         mask = torch.cat([prompt_mask[rows], completion_mask.long()], dim=1)  # (b, L+T)
-        if _activation_checkpointing(self.model):
+        if self.path() == "full_rows":
             hidden = self._full_rows(prompt_ids, prompt_positions, prompt_mm, pixel_values,
                                      image_grid_thw, rows, row_images, completion_ids, mask,
                                      completion_pos)
@@ -110,7 +121,9 @@ class TokenScorer(torch.nn.Module):
         if completion_ids.shape[1] == 1:
             return last
         cache = output_cache(out)
-        cache.batch_select_indices(rows)  # each row continues from its own prompt's keys/values
+        # each row continues from its own prompt's keys/values and linear-attention states; with
+        # gradients, the selected recurrent states must not be overwritten in place
+        cache_ops.select(cache, rows, for_backward=torch.is_grad_enabled())
         rest = self.model.model(
             input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
             position_ids=completion_pos[:, :, :-1], use_cache=True,

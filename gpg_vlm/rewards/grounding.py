@@ -9,7 +9,11 @@ At most 100 boxes are read (every box read counts in the denominator below).
 
 Frames (`box_format`, per completion or one for all; required, since a wrong frame still
 yields plausible numbers):
-- "rel1000" (Qwen2-VL, Qwen3-VL): x * W / 1000, y * H / 1000 with `image_size` = (W, H);
+- "rel1000" (Qwen2-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE): x * W / 1000, y * H / 1000
+  with `image_size` = (W, H). Qwen3-VL's cookbooks (QwenLM/Qwen3-VL, spatial_understanding)
+  give 0-1000 relative coordinates; Qwen3.5 and the MoE models keep that frame ("Qwen3-VL and
+  3.5 use a relative coordinate system ... normalized to a 0-1000 range",
+  agent.viscover.site/knowledge/qwen3-coordinate-system);
 - "abs_resized" (Qwen2.5-VL): pixels of the image the model saw, `model_image_size` = (Wm, Hm):
   x * W / Wm, y * H / Hm;
 - "abs": pixels of the original image, unchanged.

@@ -6,7 +6,8 @@ unbounded. Steps:
 1. Clean-up: NFKC (after turning ² and ³ into ^2 and ^3), LaTeX spacing and delimiters
    (`$`, `\\(`, `\\left`, `\\,` ...) removed, `\\text{..}`/`\\mathrm{..}` unwrapped, degree
    marks (°, ^\\circ, \\degree) and % removed, × · \\cdot -> *, ÷ \\div -> /, − -> -,
-   \\sqrt -> √, \\pi and "pi" -> π, \\dfrac/\\tfrac -> \\frac.
+   \\sqrt and the plain-text word "sqrt" -> √ (so "2sqrt(3)" reads as "2√{3}"), \\pi and "pi"
+   -> π, \\dfrac/\\tfrac -> \\frac.
 2. Framing: a leading "the (final) answer is" / "answer:" is dropped; if the text holds "=",
    only what follows the last "=" is read ("x = 5", "∠C = 180 - 40 = 140").
 3. Thousands separators: commas in groups of three ("12,345.6"); "3,5" is not a number.
@@ -50,6 +51,7 @@ _PREFIX = re.compile(
 )
 _THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d,])")
 _PI_WORD = re.compile(r"(?<![^\W\d_])pi(?![^\W\d_])", re.I)
+_SQRT_WORD = re.compile(r"(?<![^\W\d_])sqrt(?![^\W\d_])", re.I)  # a word: not "isqrt", "sqrts"
 _TOKEN = re.compile(
     r"\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d{1,3})?|\.\d+(?:[eE][-+]?\d{1,3})?"
     r"|\\frac|[-+*/^(){}\[\]√π])"
@@ -85,6 +87,7 @@ def clean(text: str) -> str:
         text = text.rsplit("=", 1)[1]
     text = _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), text.strip())
     text = _PI_WORD.sub("π", text)
+    text = _SQRT_WORD.sub("√", text)
     m = _NUMBER_WORDS.match(text)
     if m:
         first, second = m.group(1).lower(), m.group(2)

@@ -1,7 +1,9 @@
 """HFRollout: sampling with the policy model itself, token by token, in this process.
 
-The N prompts are prefilled once (each image encoded once) and the KV cache is repeated G
-times, so the B = N*G completions of a step share their prompts' work. Each step scores the
+The N prompts are prefilled once (each image encoded once) and the cache is repeated G times
+(keys and values, and the convolution and recurrent states of linear-attention layers:
+gpg_vlm.models.cache), so the B = N*G completions of a step share their prompts' work. A model
+whose cache holds a layer type that module cannot repeat prefills each prompt G times instead. Each step scores the
 next token with `gpg_vlm.models.forward.policy_scores` (the distribution the training forward
 uses) and reports the log-prob of the sampled token under it; top-k / top-p and
 `min_new_tokens` shape what is sampled, never the reported log-probs. Positions (M-RoPE) come
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from gpg_vlm.models import cache as cache_ops
 from gpg_vlm.models.adapter import AdapterError, VLMAdapter
 from gpg_vlm.models.batch import PromptBatch, Rollout
 from gpg_vlm.models.forward import cache_kwargs, output_cache, policy_scores
@@ -88,6 +91,10 @@ class HFRollout:
         everything repeated G times."""
         adapter, model = self.adapter, self.adapter.model
         device = adapter.device
+        repeat = group_size
+        if not adapter.cache_indexable:  # a cache we cannot repeat: prefill each prompt G times
+            batch = batch.select([i for i in range(batch.num_prompts) for _ in range(group_size)])
+            repeat = 1
         input_ids = batch.input_ids.to(device)
         attn = batch.attention_mask.to(device)
         mm = batch.mm_token_type_ids.to(device)
@@ -98,10 +105,11 @@ class HFRollout:
             pixel_values=batch.pixel_values.to(device, model.dtype) if grid is not None else None,
             image_grid_thw=grid, mm_token_type_ids=mm, use_cache=True, logits_to_keep=1)
         cache = output_cache(out)
-        cache.batch_repeat_interleave(group_size)
-        logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # (B, V)
-        attn = attn.repeat_interleave(group_size, 0)  # (B, L)
-        next_pos = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(group_size, 0)  # (B,)
+        if repeat > 1:  # keys/values and linear-attention states, row i -> rows i*G .. i*G+G-1
+            cache_ops.repeat(cache, repeat)
+        logits = out.logits[:, -1].repeat_interleave(repeat, 0)  # (B, V)
+        attn = attn.repeat_interleave(repeat, 0)  # (B, L)
+        next_pos = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(repeat, 0)  # (B,)
         return cache, logits, attn, next_pos
 
     def sync_weights(self, model) -> None:

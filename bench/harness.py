@@ -53,8 +53,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,11 +61,14 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.report import (clock, machine, markdown, median, prompt_record, ratios, rss_mb, since,
+                          summarize, write_readme)
 from gpg_vlm.models.family import VISION_TOKENS
 
+# The checkout's root: worker processes import `bench.harness` (and its reward) from there.
+CHECKOUT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent  # results.json and README.md live beside the harness
 VARIANTS = ("gpg", "grpo", "trl_beta0", "trl_beta004")
-README_START = "<!-- bench-results:start -->"
-README_END = "<!-- bench-results:end -->"
 
 
 @dataclass(frozen=True)
@@ -140,37 +141,6 @@ def bench_reward(completions, **columns) -> list[float]:
     return out
 
 
-# ------------------------------------------------------------------ measuring
-def _steal_seconds() -> float:
-    """Machine-wide CPU time stolen by the hypervisor so far (0 where /proc/stat is missing)."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def _clock() -> tuple[float, float, float]:
-    return time.perf_counter(), time.process_time(), _steal_seconds()
-
-
-def _since(start: tuple[float, float, float]) -> dict:
-    wall, cpu, steal = (b - a for a, b in zip(start, _clock()))
-    return {"wall": wall, "cpu": cpu, "steal": steal}
-
-
-def _prompt_record(prompts: list[list[int]]) -> dict:
-    """The prompts a step sampled: their token lengths and a checksum of each one's token ids."""
-    return {"prompt_tokens": sorted({len(p) for p in prompts}),
-            "prompt_checksums": [zlib.crc32(json.dumps([int(t) for t in p]).encode()) for p in prompts]}
-
-
-def _rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 # ------------------------------------------------------------------ our trainer
 def _run_ours(spec: dict) -> dict:
     """Steps of our Trainer; returns the per-step records."""
@@ -186,7 +156,7 @@ def _run_ours(spec: dict) -> dict:
         algorithm="gpg" if spec["variant"] == "gpg" else "grpo",
         kl_beta=None,  # each algorithm's own: none for GPG, 0.04 for GRPO
         group_size=w.group_size, prompts_per_step=w.prompts, beta_th=0.0, max_resample_tries=0,
-        rewards={"gpg_vlm.bench:bench_reward": 1.0}, prompt_template=PROMPT_TEMPLATE,
+        rewards={"bench.harness:bench_reward": 1.0}, prompt_template=PROMPT_TEMPLATE,
         max_new_tokens=T, learning_rate=1e-6, max_grad_norm=1.0,
         micro_batch_tokens=spec["micro_batch_tokens"], max_steps=w.warmup_steps + w.steps,
         tensorboard=False, seed=w.seed)
@@ -200,19 +170,19 @@ def _run_ours(spec: dict) -> dict:
         return generate(batch, group_size, **kwargs)
 
     trainer.rollout.generate = forced_generate
-    setup_mb = _rss_mb()
+    setup_mb = rss_mb()
     steps = []
     for _ in range(w.warmup_steps + w.steps):
         prompt_tokens.clear()
-        start = _clock()
+        start = clock()
         m = trainer.train_step()
-        rec = _since(start)
+        rec = since(start)
         trainer.step += 1
         lengths = (m["completion_length_mean"], m["completion_length_max"])
         rec.update(rollout=m["time_rollout"], train=rec["wall"] - m["time_rollout"],
                    completion_tokens=round(lengths[0] * w.completions),
                    completion_min=T if lengths == (T, T) else -1,  # mean = max = T: all are T
-                   completion_max=lengths[1], **_prompt_record(prompt_tokens),
+                   completion_max=lengths[1], **prompt_record(prompt_tokens),
                    updated=bool(m["updated"]))
         steps.append(rec)
     return {"steps": steps, "setup_rss_mb": setup_mb, "reference_model": trainer.reference is not None,
@@ -291,21 +261,21 @@ def _run_trl(spec: dict) -> dict:
         """Step k runs from the end of step k-1 (or the start of training) to its own end."""
 
         def on_train_begin(self, *a, **k):
-            self.start = _clock()
+            self.start = clock()
 
         def on_step_end(self, *a, **k):
-            rec = _since(self.start)
+            rec = since(self.start)
             lengths = generating["completion_lengths"]
             rec.update(rollout=generating["seconds"], train=rec["wall"] - generating["seconds"],
                        completion_tokens=sum(lengths), completion_min=min(lengths, default=0),
                        completion_max=max(lengths, default=0),
-                       **_prompt_record(generating["prompt_tokens"]), updated=True)
+                       **prompt_record(generating["prompt_tokens"]), updated=True)
             steps.append(rec)
             generating.update(seconds=0.0, prompt_tokens=[], completion_lengths=[])
-            self.start = _clock()
+            self.start = clock()
 
     trainer.add_callback(StepClock())
-    setup_mb = _rss_mb()
+    setup_mb = rss_mb()
     trainer.train()
     if any(len(s["prompt_tokens"]) == 0 for s in steps) or len(steps) != w.warmup_steps + w.steps:
         raise RuntimeError(f"TRL ran {len(steps)} steps, expected {w.warmup_steps + w.steps}, "
@@ -326,7 +296,7 @@ def _worker(spec_path: str) -> int:
     transformers.logging.set_verbosity_error()
     run = _run_trl if spec["variant"].startswith("trl") else _run_ours
     result = run(spec)
-    result.update(peak_rss_mb=_rss_mb(), threads=torch.get_num_threads())
+    result.update(peak_rss_mb=rss_mb(), threads=torch.get_num_threads())
     Path(spec["result"]).write_text(json.dumps(result))
     return 0
 
@@ -338,11 +308,12 @@ def _spawn(variant: str, spec: dict, scratch: Path) -> dict:
                 result=str(run_dir / "result.json"))
     (run_dir / "spec.json").write_text(json.dumps(spec))
     threads = str(spec["threads"])
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+    path = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
                TQDM_DISABLE="1")
     with open(run_dir / "worker.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "gpg_vlm.bench", "--worker",
+        proc = subprocess.run([sys.executable, "-m", "bench.harness", "--worker",
                                str(run_dir / "spec.json")], stdout=log, stderr=subprocess.STDOUT,
                               env=env)
     if proc.returncode != 0:
@@ -375,134 +346,6 @@ def prepare(w: Workload, cache: Path) -> tuple[Path, Path, int]:
     return model, data, int(batch.prompt_lengths().max())
 
 
-def _median(values) -> float:
-    return float(statistics.median(values)) if values else float("nan")
-
-
-def summarize(w: Workload, results: dict[str, list[dict]]) -> tuple[dict, list[str]]:
-    """Per-variant medians and the equal-work checks; returns (variants, problems)."""
-    variants, problems, prompt_sets = {}, [], {}
-    B, T = w.completions, w.completion_tokens
-    for name, runs in results.items():
-        steps = [s for r in runs for s in r["steps"][w.warmup_steps:]]
-        for s in (s for r in runs for s in r["steps"]):
-            if s["completion_tokens"] != B * T or s["completion_min"] != T or s["completion_max"] != T:
-                problems.append(f"{name}: a step produced {s['completion_tokens']} completion tokens "
-                                f"(min {s['completion_min']}, max {s['completion_max']}), "
-                                f"expected {B} x {T}")
-            if not s["updated"]:
-                problems.append(f"{name}: a step made no optimizer update")
-        all_steps = [s for r in runs for s in r["steps"]]
-        prompt_sets[name] = (sorted({t for s in all_steps for t in s["prompt_tokens"]}),
-                             sorted({c for s in all_steps for c in s["prompt_checksums"]}))
-        step = _median([s["wall"] for s in steps])
-        variants[name] = {
-            "step_seconds": step,
-            "rollout_seconds": _median([s["rollout"] for s in steps]),
-            "train_seconds": _median([s["train"] for s in steps]),
-            "cpu_seconds": _median([s["cpu"] for s in steps]),
-            "steal_seconds": _median([s["steal"] for s in steps]),
-            "completion_tokens_per_second": B * T / step,
-            "peak_memory_mb": max(r["peak_rss_mb"] for r in runs),
-            "setup_memory_mb": max(r["setup_rss_mb"] for r in runs),
-            "round_step_seconds": [_median([s["wall"] for s in r["steps"][w.warmup_steps:]])
-                                   for r in runs],
-            "step_seconds_all": [s["wall"] for s in steps],
-            "prompt_tokens": prompt_sets[name][0],
-            "distinct_prompts": len(prompt_sets[name][1]),
-            "reference_model": any(r["reference_model"] for r in runs),
-            "gradient_checkpointing": any(r["gradient_checkpointing"] for r in runs),
-            "threads": sorted({r["threads"] for r in runs}),
-        }
-    if len({repr(p) for p in prompt_sets.values()}) > 1:
-        problems.append("the variants' prompts differ (token lengths, token-id checksums): "
-                        f"{prompt_sets}")
-    if any(v["threads"] != [w.num_threads] for v in variants.values()):
-        problems.append(f"thread counts differ from {w.num_threads}: "
-                        f"{ {k: v['threads'] for k, v in variants.items()} }")
-    return variants, problems
-
-
-def ratios(variants: dict) -> dict:
-    def ratio(a, b, key="step_seconds"):
-        if a in variants and b in variants:
-            return variants[a][key] / variants[b][key]
-        return None
-
-    return {
-        "gpg_vs_trl_beta0": ratio("gpg", "trl_beta0"),
-        "gpg_vs_trl_beta004": ratio("gpg", "trl_beta004"),
-        "gpg_mem_vs_trl_beta0": ratio("gpg", "trl_beta0", "peak_memory_mb"),
-        "grpo_vs_trl_beta004": ratio("grpo", "trl_beta004"),
-        "gpg_cpu_vs_trl_beta0": ratio("gpg", "trl_beta0", "cpu_seconds"),
-        "gpg_cpu_vs_trl_beta004": ratio("gpg", "trl_beta004", "cpu_seconds"),
-    }
-
-
-def machine() -> dict:
-    import torch
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import trl
-
-        trl_version = trl.__version__
-    except ImportError:
-        trl_version = None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl_version}
-
-
-def markdown(report: dict) -> str:
-    w, m = report["workload"], report["machine"]
-    lines = [
-        f"Measured {report['date']} with `{report['command']}` ({report['kind']} workload) on "
-        f"{m['cpu']} ({m['cpu_count']} CPUs), {w['threads']} threads; torch {m['torch']}, "
-        f"transformers {m['transformers']}, TRL {m['trl']}. One-minute load average "
-        f"{m['load_average_start']:.1f} at the start, {m['load_average_end']:.1f} at the end.",
-        "",
-        f"Workload: tiny {w['family']} size {w['size']}, {w['image_size']}x{w['image_size']} images, "
-        f"N = {w['prompts']} prompts x G = {w['group_size']} completions of exactly "
-        f"{w['completion_tokens']} tokens, {w['micro_batch_completions']} completions per training "
-        f"forward; medians over {w['rounds']} rounds x {w['steps']} steps per variant.",
-        "",
-        "| variant | step s | rollout s | train s | CPU s/step | steal s/step | completion tok/s | peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, v in report["variants"].items():
-        lines.append(f"| {name} | {v['step_seconds']:.2f} | {v['rollout_seconds']:.2f} | "
-                     f"{v['train_seconds']:.2f} | {v['cpu_seconds']:.2f} | {v['steal_seconds']:.2f} | "
-                     f"{v['completion_tokens_per_second']:.0f} | {v['peak_memory_mb']:.0f} |")
-    lines.append("")
-    r = report["ratios"]
-    lines.append("Ratios (ours / TRL): " + ", ".join(
-        f"{k} = {v:.3f}" for k, v in r.items() if v is not None) + ".")
-    if report["problems"]:
-        lines += ["", "**Equal-work checks failed:** " + "; ".join(report["problems"])]
-    return "\n".join(lines)
-
-
-def write_readme(path: Path, table: str) -> None:
-    """Replace the results block of `path` (between the markers) with `table`."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    block = f"{README_START}\n{table}\n{README_END}"
-    if README_START in text and README_END in text:
-        head, rest = text.split(README_START, 1)
-        text = head + block + rest.split(README_END, 1)[1]
-    else:
-        text = text.rstrip() + ("\n\n" if text else "") + "## Results\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
 def run(w: Workload, variants=VARIANTS, cache: Path | None = None, log=print) -> dict:
     """Prepare the workload, run every variant `rounds` times interleaved, and summarize."""
     from gpg_vlm.demo import default_cache
@@ -523,7 +366,7 @@ def run(w: Workload, variants=VARIANTS, cache: Path | None = None, log=print) ->
                 result = _spawn(variant, spec, Path(scratch))
                 results[variant].append(result)
                 walls = [s["wall"] for s in result["steps"][w.warmup_steps:]]
-                log(f"round {r + 1}/{w.rounds} {variant:<12} median step {_median(walls):.2f} s, "
+                log(f"round {r + 1}/{w.rounds} {variant:<12} median step {median(walls):.2f} s, "
                     f"peak {result['peak_rss_mb']:.0f} MB ({time.perf_counter() - t:.0f} s in all)")
     variants_out, problems = summarize(w, {v: results[v] for v in variants})
     return {"variants": variants_out, "ratios": ratios(variants_out), "problems": problems,
@@ -565,12 +408,12 @@ def main(argv: list[str]) -> int:
     report = run(w, tuple(args.variants), args.cache, log=lambda s: print(s, file=sys.stderr))
     report["kind"] = "quick" if args.quick else "full"
     report["command"] = "gpg-vlm bench " + " ".join(argv)
-    output = Path(args.output or ("bench/results-quick.json" if args.quick else "bench/results.json"))
+    output = Path(args.output or RESULTS / ("results-quick.json" if args.quick else "results.json"))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
     table = markdown(report)
     print(table)
-    readme = args.readme or (None if args.quick else "bench/README.md")
+    readme = args.readme or (None if args.quick else RESULTS / "README.md")
     if readme:
         write_readme(Path(readme), table)
     for problem in report["problems"]:

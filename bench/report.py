@@ -1,0 +1,177 @@
+"""The benchmark's measurements and report: the per-step readings a worker records (wall, CPU
+and steal time, memory, which prompts it saw), then medians per variant, the equal-work checks,
+the ratios ours / TRL, the machine description and the Markdown table for bench/README.md.
+
+It runs no trainer and spawns nothing (bench/harness.py does that).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import json
+import statistics
+import time
+import zlib
+from pathlib import Path
+
+README_START = "<!-- bench-results:start -->"
+README_END = "<!-- bench-results:end -->"
+
+
+def steal_seconds() -> float:
+    """Machine-wide CPU time stolen by the hypervisor so far (0 where /proc/stat is missing)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def clock() -> tuple[float, float, float]:
+    return time.perf_counter(), time.process_time(), steal_seconds()
+
+
+def since(start: tuple[float, float, float]) -> dict:
+    wall, cpu, steal = (b - a for a, b in zip(start, clock()))
+    return {"wall": wall, "cpu": cpu, "steal": steal}
+
+
+def prompt_record(prompts: list[list[int]]) -> dict:
+    """The prompts a step sampled: their token lengths and a checksum of each one's token ids."""
+    return {"prompt_tokens": sorted({len(p) for p in prompts}),
+            "prompt_checksums": [zlib.crc32(json.dumps([int(t) for t in p]).encode()) for p in prompts]}
+
+
+def rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def median(values) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def summarize(w: Workload, results: dict[str, list[dict]]) -> tuple[dict, list[str]]:
+    """Per-variant medians and the equal-work checks; returns (variants, problems)."""
+    variants, problems, prompt_sets = {}, [], {}
+    B, T = w.completions, w.completion_tokens
+    for name, runs in results.items():
+        steps = [s for r in runs for s in r["steps"][w.warmup_steps:]]
+        for s in (s for r in runs for s in r["steps"]):
+            if s["completion_tokens"] != B * T or s["completion_min"] != T or s["completion_max"] != T:
+                problems.append(f"{name}: a step produced {s['completion_tokens']} completion tokens "
+                                f"(min {s['completion_min']}, max {s['completion_max']}), "
+                                f"expected {B} x {T}")
+            if not s["updated"]:
+                problems.append(f"{name}: a step made no optimizer update")
+        all_steps = [s for r in runs for s in r["steps"]]
+        prompt_sets[name] = (sorted({t for s in all_steps for t in s["prompt_tokens"]}),
+                             sorted({c for s in all_steps for c in s["prompt_checksums"]}))
+        step = median([s["wall"] for s in steps])
+        variants[name] = {
+            "step_seconds": step,
+            "rollout_seconds": median([s["rollout"] for s in steps]),
+            "train_seconds": median([s["train"] for s in steps]),
+            "cpu_seconds": median([s["cpu"] for s in steps]),
+            "steal_seconds": median([s["steal"] for s in steps]),
+            "completion_tokens_per_second": B * T / step,
+            "peak_memory_mb": max(r["peak_rss_mb"] for r in runs),
+            "setup_memory_mb": max(r["setup_rss_mb"] for r in runs),
+            "round_step_seconds": [median([s["wall"] for s in r["steps"][w.warmup_steps:]])
+                                   for r in runs],
+            "step_seconds_all": [s["wall"] for s in steps],
+            "prompt_tokens": prompt_sets[name][0],
+            "distinct_prompts": len(prompt_sets[name][1]),
+            "reference_model": any(r["reference_model"] for r in runs),
+            "gradient_checkpointing": any(r["gradient_checkpointing"] for r in runs),
+            "threads": sorted({r["threads"] for r in runs}),
+        }
+    if len({repr(p) for p in prompt_sets.values()}) > 1:
+        problems.append("the variants' prompts differ (token lengths, token-id checksums): "
+                        f"{prompt_sets}")
+    if any(v["threads"] != [w.num_threads] for v in variants.values()):
+        problems.append(f"thread counts differ from {w.num_threads}: "
+                        f"{ {k: v['threads'] for k, v in variants.items()} }")
+    return variants, problems
+
+
+def ratios(variants: dict) -> dict:
+    def ratio(a, b, key="step_seconds"):
+        if a in variants and b in variants:
+            return variants[a][key] / variants[b][key]
+        return None
+
+    return {
+        "gpg_vs_trl_beta0": ratio("gpg", "trl_beta0"),
+        "gpg_vs_trl_beta004": ratio("gpg", "trl_beta004"),
+        "gpg_mem_vs_trl_beta0": ratio("gpg", "trl_beta0", "peak_memory_mb"),
+        "grpo_vs_trl_beta004": ratio("grpo", "trl_beta004"),
+        "gpg_cpu_vs_trl_beta0": ratio("gpg", "trl_beta0", "cpu_seconds"),
+        "gpg_cpu_vs_trl_beta004": ratio("gpg", "trl_beta004", "cpu_seconds"),
+    }
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import trl
+
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl_version}
+
+
+def markdown(report: dict) -> str:
+    w, m = report["workload"], report["machine"]
+    lines = [
+        f"Measured {report['date']} with `{report['command']}` ({report['kind']} workload) on "
+        f"{m['cpu']} ({m['cpu_count']} CPUs), {w['threads']} threads; torch {m['torch']}, "
+        f"transformers {m['transformers']}, TRL {m['trl']}. One-minute load average "
+        f"{m['load_average_start']:.1f} at the start, {m['load_average_end']:.1f} at the end.",
+        "",
+        f"Workload: tiny {w['family']} size {w['size']}, {w['image_size']}x{w['image_size']} images, "
+        f"N = {w['prompts']} prompts x G = {w['group_size']} completions of exactly "
+        f"{w['completion_tokens']} tokens, {w['micro_batch_completions']} completions per training "
+        f"forward; medians over {w['rounds']} rounds x {w['steps']} steps per variant.",
+        "",
+        "| variant | step s | rollout s | train s | CPU s/step | steal s/step | completion tok/s | peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, v in report["variants"].items():
+        lines.append(f"| {name} | {v['step_seconds']:.2f} | {v['rollout_seconds']:.2f} | "
+                     f"{v['train_seconds']:.2f} | {v['cpu_seconds']:.2f} | {v['steal_seconds']:.2f} | "
+                     f"{v['completion_tokens_per_second']:.0f} | {v['peak_memory_mb']:.0f} |")
+    lines.append("")
+    r = report["ratios"]
+    lines.append("Ratios (ours / TRL): " + ", ".join(
+        f"{k} = {v:.3f}" for k, v in r.items() if v is not None) + ".")
+    if report["problems"]:
+        lines += ["", "**Equal-work checks failed:** " + "; ".join(report["problems"])]
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, table: str) -> None:
+    """Replace the results block of `path` (between the markers) with `table`."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    block = f"{README_START}\n{table}\n{README_END}"
+    if README_START in text and README_END in text:
+        head, rest = text.split(README_START, 1)
+        text = head + block + rest.split(README_END, 1)[1]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + "## Results\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")

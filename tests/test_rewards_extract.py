@@ -1,0 +1,114 @@
+"""Answer extraction modes (rewards/extract.py) and plain-text maths in the normalisation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gpg_vlm.rewards import classification_reward, reasoning_reward
+from gpg_vlm.rewards.extract import as_tagged, extract, lenient_answer
+from gpg_vlm.rewards.numeric import value_of
+
+LENIENT = [
+    # completion, task, (answer, step)
+    ("<think>x</think><answer>5</answer>", "math", ("5", "tag")),
+    ("<answer></answer> The answer is 5.", "math", ("", "tag")),  # a tag is final, even empty
+    ("so $x = \\boxed{\\frac{1}{2}}$ and more", "math", ("\\frac{1}{2}", "boxed")),
+    ("\\boxed{a{b}c} then \\boxed{7}", "math", ("7", "boxed")),  # the last one
+    ("\\boxed{unclosed", "math", (None, "none")),
+    ("Therefore, the answer is 40.", "math", ("40", "phrase")),
+    ("The answer is 3.5 cm.", "math", ("3.5 cm", "phrase")),
+    ("The answer is 1,000.", "math", ("1,000", "phrase")),
+    ("Final answer: **12**", "math", ("12", "phrase")),
+    ("The correct option letter is C. 58.", "choice", ("C", "phrase")),
+    ("The correct option is therefore (B).", "choice", ("(B)", "phrase")),
+    ("So the answer is no, there are not more buses.", "choice", ("no", "phrase")),
+    ("The answer is (B) 38.</s>", "choice", ("(B) 38", "phrase")),
+    ('The correct option letter for the best score is "C," which is the mic.', "choice", ("C", "phrase")),
+    ("The answer is [1, 2], as shown", "math", ("[1, 2]", "phrase")),
+    ("Counting them:\n1, 2, 3.\nSo there are 3 bags", "counting", ("3", "last_line")),
+    ("Adding up, 2 + 3 = 5\n\nI hope this helps!", "math", ("5", "last_line")),
+    ("Looking at the options\n(C)", "choice", ("C", "last_line")),
+    ("**B**", "choice", ("B", "last_line")),
+    ("It is a bag", "classification", ("It is a bag", "last_line")),
+    ("bag.", "classification", ("bag", "last_line")),
+    ("The box is [10, 20, 30, 40]", "grounding", ("The box is [10, 20, 30, 40]", "last_line")),
+    ("I cannot see a box", "grounding", (None, "none")),
+    ("A cat sits there", "choice", (None, "none")),  # an article is not a letter answer
+    ("<think>the answer is 5</think>", "math", (None, "none")),  # never read inside think
+    ("<think>the answer is 5</think>I am not sure.", "math", (None, "none")),
+    ("", "math", (None, "none")),
+]
+
+
+@pytest.mark.parametrize("completion,task,expected", LENIENT)
+def test_lenient_steps(completion, task, expected):
+    assert lenient_answer(completion, task) == expected
+
+
+def test_strict_is_the_training_rule_and_lenient_starts_with_it():
+    assert extract("The answer is 5.", "strict") == (None, "none")
+    assert extract("<answer>5</answer>", "strict") == ("5", "tag")
+    assert extract("5", "strict", accept_bare=True) == ("5", "bare")
+    assert extract([{"role": "assistant", "content": "The answer is 5."}], "lenient") == ("5", "phrase")
+
+
+@pytest.mark.parametrize("value", [None, 5, b"the answer is 5", {"a": 1}, [1, 2], [{}], object()])
+def test_extraction_never_raises_on_any_value(value):
+    for mode in ("strict", "lenient"):
+        answer, step = extract(value, mode)
+        assert answer is None or isinstance(answer, str)
+
+
+def test_extraction_never_raises_on_random_text():
+    rng = random.Random(0)
+    alphabet = ["<answer>", "</answer>", "<think>", "</think>", "\\boxed{", "{", "}", "the answer is",
+                "(B)", "B.", "3.5", "-2", "\n", " ", ",", "\udcff", "\x00", "**", '"', "$"]
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(30)))
+        for task in ("math", "choice", "classification", "grounding", "counting"):
+            answer, _ = lenient_answer(text, task)
+            assert answer is None or "<answer>" not in answer.lower()  # as_tagged stays one pair
+
+
+def test_huge_completion_is_bounded():
+    text = "x " * 2_000_000 + "\nThe answer is 7."
+    assert lenient_answer(text, "math") == ("7", "phrase")
+
+
+def test_as_tagged_feeds_the_strict_rewards():
+    answer, _ = lenient_answer("Thus the answer is 2sqrt(3).", "math")
+    assert reasoning_reward([as_tagged(answer)], ["2√{3}"]) == [1.0]
+    assert reasoning_reward([as_tagged(None)], ["2√{3}"]) == [0.0]
+    assert classification_reward([as_tagged(lenient_answer("bag.", "classification")[0])], ["bag"]) == [1.0]
+
+
+# ---- plain-text maths reads like its LaTeX form (both modes: it is in the normalisation) ----
+
+SAME = [("2sqrt(3)", "2√{3}"), ("2 sqrt 3", "2\\sqrt{3}"), ("sqrt(3)/2", "\\frac{\\sqrt{3}}{2}"),
+        ("3sqrt(2)/2", "\\frac{3\\sqrt{2}}{2}"), ("4*sqrt(3)", "4√3"), ("SQRT(3)", "√3"),
+        ("2sqrt3 cm", "2√{3}cm"), ("x = 2sqrt(3)", "2√{3}"), ("sqrt(sqrt(16))", "2"),
+        ("2^(1/2)", "√2"), ("2pi", "2π")]
+NOT_A_NUMBER = ["isqrt(3)", "sqrtsqrt3", "sqrts(3)", "2 sqrt", "sqrt", "sqrt(-4)", "squirt(3)",
+                "sqrt(3", "sqrt(3) or 2", "sqrt(" * 40 + "3" + ")" * 40]
+
+
+@pytest.mark.parametrize("plain,latex", SAME)
+def test_plain_text_maths_equals_its_latex_form(plain, latex):
+    assert value_of(plain) == pytest.approx(value_of(latex))
+    for completion in (f"<answer>{plain}</answer>", f"The answer is {plain}."):
+        assert reasoning_reward([completion], [latex], accept_bare=False)[0] == (
+            1.0 if completion.startswith("<answer>") else 0.0)  # strict needs the tag
+        answer, _ = lenient_answer(completion, "math")
+        assert reasoning_reward([as_tagged(answer)], [latex]) == [1.0]
+
+
+@pytest.mark.parametrize("text", NOT_A_NUMBER)
+def test_adversarial_roots_are_not_numbers(text):
+    assert value_of(text) is None
+
+
+def test_sqrt_word_does_not_make_a_wrong_answer_right():
+    assert reasoning_reward(["<answer>3sqrt(2)</answer>"], ["2√{3}"]) == [0.0]
+    assert reasoning_reward(["<answer>2sqrt(3)+1</answer>"], ["2√{3}"]) == [0.0]
