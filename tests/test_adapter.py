@@ -77,10 +77,11 @@ def test_entropies_are_those_of_the_masked_tempered_logits(adapter):
                                          rollout.completion_mask, 1.5, with_entropy=True)
     finally:
         hook.remove()
+    # the output layer sees the unmasked positions only, in row-major order: (n, V)
     logits = (seen[-1].float() / 1.5).masked_fill(adapter.scorer.suppressed, float("-inf"))
-    expected = torch.distributions.Categorical(logits=logits).entropy()  # (b, T)
+    expected = torch.distributions.Categorical(logits=logits).entropy()  # (n,)
     keep = rollout.completion_mask.bool()
-    assert (entropy[keep] - expected[keep]).abs().max() < TOL
+    assert (entropy[keep] - expected).abs().max() < TOL
     assert (entropy[~keep] == 0).all() and torch.isfinite(entropy).all()
     plain = adapter.logprobs(batch, rollout.prompt_index, rollout.completion_ids,
                              rollout.completion_mask, 1.5)

@@ -11,6 +11,11 @@ call): it encodes each image once per micro-batch and hands the features to ever
 of its prompt. Positions are computed by the adapter and passed in, never read from cached
 model state.
 
+`token_logprobs` turns the final hidden states into those log-probs without ever holding the
+full-vocabulary logits of every completion token (64 completions x 700 tokens x 151,936 x 4
+bytes would be 27 GB): only unmasked positions are projected, `chunk_tokens` at a time, each
+chunk under activation checkpointing so that the backward recomputes one chunk at a time.
+
 Shape letters: p prompts and b completions of one micro-batch, L prompt tokens, T completion
 tokens, H hidden width, V vocabulary.
 
@@ -23,6 +28,7 @@ import functools
 import inspect
 
 import torch
+import torch.utils.checkpoint
 
 from gpg_vlm.models import cache as cache_ops
 
@@ -56,6 +62,55 @@ def output_cache(out):
     return cache if cache is not None else out.get("past_key_values")
 
 
+LOGPROB_CHUNK_TOKENS = 1024
+"""Completion tokens whose full-vocabulary logits exist at once (forward and backward): 1024 x
+151,936 x 4 bytes = 0.6 GB per fp32 copy, against 27 GB for 64 completions x 700 tokens."""
+
+
+def token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, completion_ids: torch.Tensor,
+                        completion_mask: torch.Tensor, temperature: float, suppressed: torch.Tensor,
+                        chunk_tokens: int = LOGPROB_CHUNK_TOKENS, with_entropy: bool = False):
+    """Log-probs (b, T) of the completion tokens, [and entropies (b, T)], 0 where masked.
+
+    Only the unmasked positions get logits, `chunk_tokens` of them at a time; each chunk runs
+    under activation checkpointing, so its (chunk, V) logits are freed after the forward and
+    recomputed one chunk at a time in the backward: memory grows with `chunk_tokens`, not with
+    b x T. `chunk_tokens <= 0` computes all positions in one piece (same values and gradients).
+    """
+    b, t, h = hidden.shape
+    keep = completion_mask.reshape(-1).bool()  # (b*T,)
+    where = keep.nonzero().squeeze(-1)  # (n,)
+    states = hidden.reshape(b * t, h).index_select(0, where)  # (n, H)
+    ids = completion_ids.reshape(b * t).index_select(0, where)  # (n,)
+    size = chunk_tokens if chunk_tokens > 0 else max(1, len(where))
+    pieces = []
+    for start in range(0, len(where), size):
+        args = (states[start:start + size], ids[start:start + size])
+        if chunk_tokens > 0 and torch.is_grad_enabled() and states.requires_grad:
+            pieces.append(torch.utils.checkpoint.checkpoint(
+                _chunk_scores, lm_head, *args, temperature, suppressed, with_entropy,
+                use_reentrant=False))
+        else:
+            pieces.append(_chunk_scores(lm_head, *args, temperature, suppressed, with_entropy))
+    width = 2 if with_entropy else 1
+    flat = (torch.cat(pieces) if pieces
+            else hidden.new_zeros((0, width), dtype=torch.float32))  # (n, 1 or 2)
+    out = flat.new_zeros((b * t, width)).index_copy(0, where, flat).view(b, t, width)
+    return (out[..., 0], out[..., 1]) if with_entropy else out[..., 0]
+
+
+def _chunk_scores(lm_head, states, ids, temperature: float, suppressed: torch.Tensor,
+                  with_entropy: bool) -> torch.Tensor:
+    """(n, H) hidden states -> (n, 1) log-probs of `ids`, or (n, 2) with the entropies."""
+    all_logp = torch.log_softmax(policy_scores(lm_head(states), temperature, suppressed), dim=-1)  # (n, V)
+    logp = all_logp.gather(-1, ids.unsqueeze(-1))  # (n, 1)
+    if not with_entropy:
+        return logp
+    finite = all_logp.masked_fill(suppressed.to(all_logp.device), 0.0)  # no 0 * -inf
+    entropy = -(finite.exp() * finite).sum(-1, keepdim=True)  # (n, 1); suppressed add 1 * 0
+    return torch.cat([logp, entropy], dim=-1)
+
+
 class TokenScorer(torch.nn.Module):
     """The training forward as a module, so a data-parallel wrapper sees every call.
 
@@ -70,10 +125,11 @@ class TokenScorer(torch.nn.Module):
     vision-token-masked distribution; 0 where `completion_mask` is 0.
     """
 
-    def __init__(self, model, suppressed: torch.Tensor):
+    def __init__(self, model, suppressed: torch.Tensor, chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
         super().__init__()
         self.model = model
         self.suppressed = suppressed  # (V,) bool, not a parameter
+        self.chunk_tokens = chunk_tokens  # output-layer positions whose logits exist at once
         self.cache_indexable = cache_ops.model_cache_indexable(model)
 
     def path(self) -> str:
@@ -99,16 +155,8 @@ class TokenScorer(torch.nn.Module):
             hidden = self._shared_prefix(prompt_ids, prompt_mask, prompt_positions, prompt_mm,
                                          pixel_values, image_grid_thw, rows, completion_ids, mask,
                                          completion_pos)  # (b, T, H)
-        scores = policy_scores(self.model.lm_head(hidden), temperature, self.suppressed)  # (b, T, V)
-        all_logp = torch.log_softmax(scores, dim=-1)  # (b, T, V)
-        logp = all_logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-        keep = completion_mask.bool()
-        logp = torch.where(keep, logp, torch.zeros_like(logp))  # (b, T)
-        if not with_entropy:
-            return logp
-        finite = all_logp.masked_fill(self.suppressed.to(all_logp.device), 0.0)  # no 0 * -inf
-        entropy = -(finite.exp() * finite).sum(-1)  # (b, T); suppressed tokens add 1 * 0
-        return logp, torch.where(keep, entropy, torch.zeros_like(entropy))
+        return token_logprobs(hidden, self.model.lm_head, completion_ids, completion_mask,
+                              temperature, self.suppressed, self.chunk_tokens, with_entropy)
 
     def _shared_prefix(self, prompt_ids, prompt_mask, prompt_positions, prompt_mm, pixel_values,
                        image_grid_thw, rows, completion_ids, mask, completion_pos):

@@ -64,7 +64,7 @@ class HFRollout:
                 token = scores.argmax(-1)
             else:
                 probs = torch.softmax(_filter_top_k_top_p(scores, top_k, top_p), dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+                token = _sample(probs, generator)  # (B,)
             token = torch.where(finished, torch.full_like(token, adapter.pad_token_id), token)
             alive.append(~finished)
             tokens.append(token)
@@ -133,3 +133,15 @@ def _filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
+
+
+def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of `probs` (B, V) -> (B,), drawn where `generator` lives.
+
+    The trainer's generator is a CPU one (its state is checkpointed the same on every machine);
+    torch.multinomial refuses a CPU generator for CUDA probabilities, so those rows are drawn
+    on the CPU: one (B, V) copy per step, and the same seed samples the same tokens on either.
+    """
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
