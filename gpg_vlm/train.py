@@ -54,7 +54,7 @@ from gpg_vlm.dist import Processes
 from gpg_vlm.lora import LoraSaver, add_lora, load_lora
 from gpg_vlm.models.adapter import AdapterError, VLMAdapter
 from gpg_vlm.models.batch import micro_batches
-from gpg_vlm.rollout import make_engine
+from gpg_vlm.rollout import RolloutError, RolloutSetupError, make_engine
 from gpg_vlm.run_folder import FolderLock, RunFolderError, check_config_change, claim
 from gpg_vlm.run_log import RunLog, peak_memory_mb, quiet_unless_main
 from gpg_vlm.tasks import evaluate_rows, fitting_rows
@@ -78,16 +78,19 @@ class Objective:
     def alpha(self, informative: int) -> float:
         return float(algo.gpg_alpha(self.cfg.prompts_per_step, informative)) if self.is_gpg else 1.0
 
-    def __call__(self, lp, entropy, adv, ref, mask, alpha: float, counts: dict):
-        """lp, entropy, ref, mask: (b, t); adv: (b,); counts: num_completions, num_tokens."""
+    def __call__(self, lp, entropy, adv, ref, mask, alpha: float, counts: dict, weights=None):
+        """lp, entropy, ref, mask, weights (truncated IS, or None): (b, t); adv: (b,);
+        counts: num_completions, num_tokens."""
         cfg = self.cfg
         if self.is_gpg:
-            loss = algo.gpg_loss(lp, adv, mask, alpha=alpha, token_mean=cfg.token_mean, **counts)
+            loss = algo.gpg_loss(lp, adv, mask, alpha=alpha, token_mean=cfg.token_mean,
+                                 token_weights=weights, **counts)
             if ref is not None:
                 loss = loss + algo.kl_penalty(lp, ref, mask, cfg.kl_beta, cfg.token_mean, **counts)
         else:
             loss = algo.grpo_loss(lp, None, ref, adv, mask, clip_eps=cfg.clip_eps, beta=cfg.kl_beta,
-                                  token_mean=cfg.token_mean, length_norm=self.length_norm, **counts)
+                                  token_mean=cfg.token_mean, length_norm=self.length_norm,
+                                  token_weights=weights, **counts)
         if entropy is None:
             return loss, 0.0
         bonus = algo.entropy_bonus(entropy, mask, cfg.entropy_coef, cfg.token_mean, **counts)
@@ -129,6 +132,10 @@ class Trainer:
         # a bad reward name, or a reward that cannot take (completions, **columns), fails
         # before anything is loaded
         rewards = resolve_rewards(cfg)
+        if cfg.rollout == "vllm":  # and so does a missing vLLM
+            from gpg_vlm.rollout.vllm import require_vllm
+
+            require_vllm()
         self._load_rows()
         self._load_models(resume)
         self._check_prompts()
@@ -145,9 +152,13 @@ class Trainer:
         # printed when a signal stops the run; `main` replaces it with the exact command line
         self.resume_command = "gpg-vlm train --config <same config> --resume"
         self.run_log = RunLog(cfg, self.procs.is_main)
+        # True when the policy has weights the rollout engine has not loaded yet (after an
+        # update or a resume); the next step loads them before it samples
+        self.engine_stale = False
         if resume is not None:
             self._resume(Path(resume))
             self.saved_step = self.step
+            self.engine_stale = True
         self.good_state = self._state()  # what an error before the next step saves
 
     def close(self) -> None:
@@ -198,8 +209,11 @@ class Trainer:
         """Rows whose prompts the loaded model cannot take (too long, its special tokens) are
         bad rows now, under on_bad_row, rather than errors in the middle of the run."""
         cfg = self.cfg
-        fit = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
-                   on_bad_row=cfg.on_bad_row)
+        limit = cfg.max_prompt_tokens
+        if cfg.rollout == "vllm":  # the engine refuses prompt + completion over its max_model_len
+            engine_limit = cfg.vllm_max_model_len - cfg.max_new_tokens
+            limit = engine_limit if limit is None else min(limit, engine_limit)
+        fit = dict(max_prompt_tokens=limit, max_new_tokens=cfg.max_new_tokens, on_bad_row=cfg.on_bad_row)
         self.rows = fitting_rows(self.adapter, self.rows, cfg.prompt_template, **fit)
         if not self.rows:
             raise ConfigError(f"config key 'data': {cfg.data} holds no row whose prompt fits the model")
@@ -225,7 +239,18 @@ class Trainer:
         # FSDP / DeepSpeed configs in configs/accelerate wrap the same pair)
         self.scorer, self.optimizer = self.acc.prepare(self.adapter.scorer, self.optimizer)
         self.adapter.set_scorer(self.scorer)
-        self.rollout = make_engine("hf", self.adapter)
+        self.rollout = make_engine(cfg.rollout, self.adapter, **self._engine_options())
+
+    def _engine_options(self) -> dict:
+        cfg = self.cfg
+        if cfg.rollout != "vllm":
+            return {}
+        # built from the base directory (always complete); the policy's own weights (a resumed
+        # or LoRA policy) are loaded into it before it samples
+        return dict(model_dir=cfg.model, seed=cfg.seed * 1000 + self.procs.index,
+                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, sleep=cfg.vllm_sleep,
+                    tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                    max_model_len=cfg.vllm_max_model_len)
 
     def _setup_trainable(self) -> list:
         cfg, model = self.cfg, self.adapter.model
@@ -262,7 +287,12 @@ class Trainer:
             group["lr"] = cfg.learning_rate * self._lr_factor(self.step)
         t0 = time.perf_counter()
         self.adapter.model.eval()  # 1-3: sample (no dropout), score, resample for beta_th
-        got = self.sampler.collect(lambda: self.procs.full_parameters(self.scorer, self.adapter.model))
+        gathered = lambda: self.procs.full_parameters(self.scorer, self.adapter.model)  # noqa: E731
+        if self.engine_stale:  # the last update, into the engine before it samples
+            with gathered():
+                self.rollout.sync_weights(self.adapter.model)
+            self.engine_stale = False
+        got = self.sampler.collect(gathered)
         rollout_seconds = time.perf_counter() - t0 - got.reward_seconds
 
         t1 = time.perf_counter()  # 4: advantages per group, alpha over all processes
@@ -275,7 +305,8 @@ class Trainer:
             metrics["alpha_per_process"] = procs.gather_floats(alpha)
 
         if informative == 0 and self.reference is None:  # 5: forward, backward, update
-            metrics.update(skipped="no informative group", loss=0.0, updated=False)
+            metrics.update(skipped="no informative group", loss=0.0, updated=False,
+                           rollout_logprob_diff=self._logprob_diff(got))
         else:
             metrics.update(self._update(got, advantages, alpha))
         step_time = time.perf_counter() - t0
@@ -305,16 +336,21 @@ class Trainer:
         # every rank holds B / W rows: the global per-rank means of completions and tokens
         counts = {"num_completions": float(mask.shape[0]),
                   "num_tokens": procs.sum(int(mask.sum())) / procs.world}
-        loss, entropy = self._backward(got, advantages, ref, alpha, train_rows, counts)
+        loss, entropy, stats = self._backward(got, advantages, ref, alpha, train_rows, counts)
         grad_norm = self._clip_and_check()  # after the all-reduce: equal on every rank
-        out = {"grad_norm": grad_norm, "loss": procs.sum(loss) / procs.world, "updated": False}
+        out = {"grad_norm": grad_norm, "loss": procs.sum(loss) / procs.world, "updated": False,
+               "rollout_logprob_diff": max(procs.gather_floats(stats["diff"]))}
+        if cfg.rollout_is_cap is not None:  # over the trained tokens of every process
+            tokens = max(procs.sum(stats["tokens"]), 1)
+            out["rollout_is_mean"] = procs.sum(stats["weight_sum"]) / tokens
+            out["rollout_is_clip_fraction"] = procs.sum(stats["clipped"]) / tokens
         if cfg.entropy_coef > 0:  # mean next-token entropy of the trained completions
             out["entropy"] = procs.sum(entropy) / procs.world
         if math.isfinite(out["loss"]) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.mid_update = True  # weights of step k+1, state of step k until the step ends
             self._check_weights()
-            self.rollout.sync_weights(self.adapter.model)
+            self.engine_stale = True  # loaded at the start of the next step (sync_weights)
             out["updated"], self.nonfinite = True, 0
         else:
             self.nonfinite += 1
@@ -324,8 +360,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return out
 
-    def _backward(self, got: Collected, advantages, ref, alpha, train_rows, counts) -> tuple[float, float]:
-        """Backward over the micro-batches of `train_rows`: (summed loss, summed mean entropy)."""
+    def _backward(self, got: Collected, advantages, ref, alpha, train_rows, counts) -> tuple:
+        """Backward over the micro-batches of `train_rows`: (summed loss, summed mean entropy,
+        stats: the largest |training - rollout| log-prob `diff` over the trained tokens, and the
+        truncated-IS `weight_sum`, `clipped` and `tokens` counts)."""
         cfg, batch, rollout = self.cfg, got.batch, got.rollout
         zero = len(train_rows) == 0
         if zero:  # take part in the gradient all-reduce with a zero loss
@@ -333,6 +371,7 @@ class Trainer:
         kept = rollout.select(train_rows, rollout.prompt_index[train_rows])
         parts = micro_batches(batch, kept.prompt_index, kept.completion_mask, cfg.micro_batch_tokens)
         total, entropy_total = 0.0, 0.0
+        stats = {"diff": 0.0, "weight_sum": 0.0, "clipped": 0, "tokens": 0}
         for k, idx in enumerate(parts):
             rows = train_rows[idx]
             mask = rollout.completion_mask[rows]  # (b, T)
@@ -344,14 +383,32 @@ class Trainer:
                                             cfg.temperature, with_entropy=cfg.entropy_coef > 0)
                 lp, entropy = out if cfg.entropy_coef > 0 else (out, None)  # (b, t) each
                 ref_t = None if ref is None else ref[rows, :t].to(lp.device)
+                mask_t = mask[:, :t].to(lp.device)  # (b, t)
+                sampled = rollout.logprobs[rows, :t].to(lp.device)  # (b, t): the engine's
+                gap = ((lp.detach() - sampled).abs() * mask_t).max()
+                stats["diff"] = max(stats["diff"], float(gap))
+                weights = None
+                if cfg.rollout_is_cap is not None:
+                    weights, clipped = algo.truncated_is_weights(lp, sampled, mask_t, cfg.rollout_is_cap)
+                    stats["weight_sum"] += float(weights.sum())
+                    stats["clipped"] += int(clipped.sum())
+                    stats["tokens"] += int(mask_t.sum())
                 loss, mean_entropy = self.objective(lp, entropy, advantages[rows].to(lp.device), ref_t,
-                                                    mask[:, :t].to(lp.device), alpha, counts)
+                                                    mask_t, alpha, counts, weights)
                 if zero:
                     loss = loss * 0.0
                 self.acc.backward(loss)
             total += float(loss.detach())
             entropy_total += mean_entropy
-        return total, entropy_total
+        return total, entropy_total, stats
+
+    @torch.no_grad()
+    def _logprob_diff(self, got: Collected) -> float:
+        """rollout_logprob_diff of a step that trains nothing: over all of its completions."""
+        lp = self.adapter.completion_logprobs(got.batch, got.rollout, self.cfg.temperature,
+                                              self.cfg.micro_batch_tokens)  # (B, T)
+        gap = ((lp - got.rollout.logprobs).abs() * got.rollout.completion_mask).max()
+        return max(self.procs.gather_floats(float(gap)))
 
     def _check_weights(self) -> None:
         """Stop, saving nothing of this step, when the update left a NaN or infinite weight."""
@@ -586,13 +643,16 @@ def main(argv: list[str]) -> int:
         trainer = Trainer(cfg, resume=checkpoint_to_resume(args.resume, cfg.output_dir),
                           resuming=bool(args.resume))
         trainer.resume_command = _resume_command(argv)
-        history = trainer.train()
+        try:
+            history = trainer.train()
+        finally:
+            trainer.rollout.close()
     # bad input: exit 2; a run that had to stop (non-finite steps, a failing reward or save,
     # a full disk): exit 1. One line either way, never a library's traceback.
-    except (ConfigError, DataError, AdapterError) as exc:
+    except (ConfigError, DataError, AdapterError, RolloutSetupError) as exc:
         print(f"gpg-vlm train: {exc}", file=sys.stderr)
         return 2
-    except (TrainingError, CheckpointError, OSError) as exc:
+    except (TrainingError, CheckpointError, RolloutError, OSError) as exc:
         print(f"gpg-vlm train: {exc}", file=sys.stderr)
         return 1
     except StoppedAtOnce:

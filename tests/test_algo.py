@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gpg_vlm.algo import (
+    truncated_is_weights,
     entropy_bonus,
     gpg_alpha,
     gpg_loss,
@@ -499,3 +500,36 @@ def test_group_rows_gathers_whole_groups():
     rewards = t([1, 1, 0, 1, 0, 0, 1, 0, 2, 2])
     kept = rewards[group_rows(select_groups(rewards, 2, 2), 2)]
     assert kept.tolist() == [0, 1, 1, 0]
+
+
+def test_truncated_is_weights_by_hand():
+    # pi = (0.5, 0.2, pad), mu = (0.25, 0.4): ratios 2.0 and 0.5; cap 1.5 clips the first.
+    lp = torch.log(torch.tensor([[0.5, 0.2, 1.0]]))
+    mu = torch.log(torch.tensor([[0.25, 0.4, 1e-30]]))  # padding holds garbage
+    mask = torch.tensor([[1, 1, 0]])
+    weights, clipped = truncated_is_weights(lp, mu, mask, cap=1.5)
+    assert torch.allclose(weights, torch.tensor([[1.5, 0.5, 0.0]]))
+    assert clipped.tolist() == [[True, False, False]]
+    # with a cap above every ratio nothing is clipped and the weights are the plain ratios
+    weights, clipped = truncated_is_weights(lp, mu, mask, cap=10.0)
+    assert torch.allclose(weights, torch.tensor([[2.0, 0.5, 0.0]])) and not clipped.any()
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        truncated_is_weights(lp, mu, mask, cap=0.0)
+
+
+def test_gpg_loss_with_token_weights_by_hand():
+    # one completion, A = 1, per-completion mean over 2 tokens:
+    # loss = -(1.5 * log 0.5 + 0.5 * log 0.2) / 2 = (1.5 * 0.693147 + 0.5 * 1.609438) / 2 = 0.922220
+    # d loss / d lp_t = -A * w_t / 2 = (-0.75, -0.25); the weights themselves get no gradient.
+    lp = torch.log(torch.tensor([[0.5, 0.2, 0.3]])).requires_grad_()
+    w = torch.tensor([[1.5, 0.5, float("inf")]], requires_grad=True)  # inf on padding stays out
+    mask = torch.tensor([[1, 1, 0]])
+    loss = gpg_loss(lp, torch.tensor([1.0]), mask, token_weights=w)
+    assert abs(float(loss.detach()) - 0.922220) < 1e-5
+    loss.backward()
+    assert torch.allclose(lp.grad, torch.tensor([[-0.75, -0.25, 0.0]]))
+    assert w.grad is None
+    # weights of one are the unweighted loss
+    plain = gpg_loss(lp, torch.tensor([1.0]), mask)
+    ones = gpg_loss(lp, torch.tensor([1.0]), mask, token_weights=torch.ones(1, 3))
+    assert torch.equal(plain, ones)

@@ -196,7 +196,7 @@ class VLMAdapter:
     def encode(self, samples: Sequence[Sample]) -> PromptBatch:
         """Tokenize N samples into a left-padded PromptBatch with their images' patches."""
         rows, pixel_blocks, grids = [], [], []
-        image_sizes, model_sizes, counts, texts = [], [], [], []
+        image_sizes, model_sizes, counts, texts, images = [], [], [], [], []
         for n, sample in enumerate(samples):
             if not isinstance(sample.text, str):
                 raise AdapterError(f"sample {n}: text must be a string, got {type(sample.text).__name__}")
@@ -223,6 +223,7 @@ class VLMAdapter:
             model_sizes.append([im.size for im in fitted])
             counts.append(len(fitted))
             texts.append(text)
+            images.append(fitted)
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -240,6 +241,7 @@ class VLMAdapter:
             image_sizes=image_sizes,
             model_image_sizes=model_sizes,
             texts=texts,
+            images=images,
         )
 
     def _expand_image_tokens(self, ids: list[int], grid, n: int) -> list[int]:

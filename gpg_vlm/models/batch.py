@@ -43,6 +43,9 @@ class PromptBatch:
     image_sizes: list[list[tuple[int, int]]]  # per prompt, per image: original (W, H)
     model_image_sizes: list[list[tuple[int, int]]]  # per prompt, per image: (W, H) the model saw
     texts: list[str] = field(default_factory=list)  # the templated prompt strings
+    # per prompt, the fitted images (PIL) the patches were cut from: an engine that runs its own
+    # image processor (vLLM) gets exactly these, so it resizes nothing and sees the same grid
+    images: list[list] = field(default_factory=list)
 
     @property
     def num_prompts(self) -> int:
@@ -102,6 +105,7 @@ class PromptBatch:
             image_sizes=[self.image_sizes[i] for i in prompts],
             model_image_sizes=[self.model_image_sizes[i] for i in prompts],
             texts=[self.texts[i] for i in prompts] if self.texts else [],
+            images=[self.images[i] for i in prompts] if self.images else [],
         )
 
     @staticmethod
@@ -124,6 +128,7 @@ class PromptBatch:
             image_sizes=[s for b in batches for s in b.image_sizes],
             model_image_sizes=[s for b in batches for s in b.model_image_sizes],
             texts=[t for b in batches for t in b.texts],
+            images=[im for b in batches for im in b.images],
         )
 
 

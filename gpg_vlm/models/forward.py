@@ -24,6 +24,9 @@ Deliberately left out: sampling (gpg_vlm.rollout) and loading (gpg_vlm.models.ad
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.utils.checkpoint
 
@@ -39,6 +42,24 @@ def policy_scores(logits: torch.Tensor, temperature: float, suppressed: torch.Te
     if temperature > 0:
         scores = scores / temperature
     return scores.masked_fill(suppressed.to(scores.device), float("-inf"))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(module_type: type) -> str:
+    params = inspect.signature(module_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(module: torch.nn.Module, cache) -> dict:
+    """`{keyword: cache}` for a transformers forward: `cache` where the model takes it (transformers
+    >= 5.24, which deprecates `past_key_values` and drops it in 5.40), `past_key_values` before."""
+    return {_cache_keyword(type(module)): cache}
+
+
+def output_cache(out):
+    """The KV cache a transformers forward returned, under whichever name its version uses."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
 
 
 LOGPROB_CHUNK_TOKENS = 1024
@@ -147,13 +168,14 @@ class TokenScorer(torch.nn.Module):
         last = out.last_hidden_state[rows, -1:]  # (b, 1, H): predicts completion token 0
         if completion_ids.shape[1] == 1:
             return last
-        cache = out.past_key_values
+        cache = output_cache(out)
         # each row continues from its own prompt's keys/values and linear-attention states; with
         # gradients, the selected recurrent states must not be overwritten in place
         cache_ops.select(cache, rows, for_backward=torch.is_grad_enabled())
         rest = self.model.model(
             input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
-            position_ids=completion_pos[:, :, :-1], past_key_values=cache, use_cache=True,
+            position_ids=completion_pos[:, :, :-1], use_cache=True,
+            **cache_kwargs(self.model.model, cache),
         ).last_hidden_state  # (b, T-1, H): token j predicts token j+1
         return torch.cat([last, rest], dim=1)
 

@@ -23,7 +23,7 @@ import torch
 from gpg_vlm.models import cache as cache_ops
 from gpg_vlm.models.adapter import AdapterError, VLMAdapter
 from gpg_vlm.models.batch import PromptBatch, Rollout
-from gpg_vlm.models.forward import policy_scores
+from gpg_vlm.models.forward import cache_kwargs, output_cache, policy_scores
 
 
 class HFRollout:
@@ -75,8 +75,8 @@ class HFRollout:
             attn = torch.cat([attn, attn.new_ones((b, 1))], dim=-1)
             step_pos = (next_pos + step).view(1, b, 1).expand(3, b, 1)
             out = model(input_ids=token[:, None], attention_mask=attn, position_ids=step_pos,
-                        past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                        use_cache=True, **cache_kwargs(model, cache))
+            cache = output_cache(out)
             logits = out.logits[:, -1]
         completion_ids = torch.stack(tokens, dim=1).cpu()  # (B, T)
         mask = torch.stack(alive, dim=1).long().cpu()  # (B, T)
@@ -104,7 +104,7 @@ class HFRollout:
             input_ids=input_ids, attention_mask=attn, position_ids=pos,
             pixel_values=batch.pixel_values.to(device, model.dtype) if grid is not None else None,
             image_grid_thw=grid, mm_token_type_ids=mm, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = output_cache(out)
         if repeat > 1:  # keys/values and linear-attention states, row i -> rows i*G .. i*G+G-1
             cache_ops.repeat(cache, repeat)
         logits = out.logits[:, -1].repeat_interleave(repeat, 0)  # (B, V)

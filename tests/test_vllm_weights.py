@@ -1,0 +1,44 @@
+"""`full_weights`: what the vLLM engine is given after each step, checked without vLLM.
+
+The engine loads checkpoint-named full tensors: a LoRA policy must arrive merged (base weight
+plus the adapter's delta, under the base name, no lora_* entries), a plain policy unchanged,
+and a tied output layer under both of its names.
+"""
+
+import torch
+
+from gpg_vlm.models.adapter import VLMAdapter
+from gpg_vlm.rollout.vllm import full_weights
+
+
+def test_plain_policy_weights_are_its_state_dict(tiny_dirs):
+    model = VLMAdapter.from_pretrained(tiny_dirs("qwen2_vl"), device="cpu").model
+    weights = dict(full_weights(model))
+    state = model.state_dict()
+    assert weights.keys() == state.keys()
+    assert all(torch.equal(weights[k], state[k]) for k in state)
+    assert "lm_head.weight" in weights  # tied: the output layer is sent under its own name too
+
+
+def test_lora_policy_arrives_merged(tiny_dirs):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    base = VLMAdapter.from_pretrained(tiny_dirs("qwen2_5_vl"), device="cpu").model
+    names = set(base.state_dict())
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), base)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lora_B starts at zero; give the adapters a real delta
+        for name, p in base.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    weights = dict(full_weights(base))
+    assert set(weights) == names  # base names only, no lora_* or base_layer entries
+    layer = base.model.language_model.layers[0].self_attn.q_proj  # a LoRA-wrapped linear
+    x = torch.randn(3, layer.in_features, generator=gen)
+    merged = torch.nn.functional.linear(x, weights["model.language_model.layers.0.self_attn.q_proj.weight"],
+                                        weights["model.language_model.layers.0.self_attn.q_proj.bias"])
+    with torch.no_grad():
+        assert torch.allclose(merged, layer(x), atol=1e-5)
+        # control: the base weight alone (the delta left out) gives another output
+        assert (torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+                - layer(x)).abs().max() > 1e-2
