@@ -165,13 +165,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme(path: Path, table: str) -> None:
-    """Replace the results block of `path` (between the markers) with `table`."""
+def write_readme(path: Path, table: str, start: str = README_START, end: str = README_END) -> None:
+    """Replace the block of `path` between the markers `start` and `end` with `table`
+    (appended under a Results heading when the file has no such block yet)."""
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    block = f"{README_START}\n{table}\n{README_END}"
-    if README_START in text and README_END in text:
-        head, rest = text.split(README_START, 1)
-        text = head + block + rest.split(README_END, 1)[1]
+    block = f"{start}\n{table}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + ("\n\n" if text else "") + "## Results\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")

@@ -35,6 +35,8 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench import report
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent
 # the published model a recipe's `model:` path names -> real shape
@@ -149,7 +151,8 @@ def step_once(run: ScaleRun, model_dir: Path, scratch: Path, steps: int = 1) -> 
         max_new_tokens=run.completion_tokens, temperature=run.temperature,
         min_pixels=run.min_pixels, max_pixels=run.max_pixels, learning_rate=run.learning_rate,
         max_steps=steps, dtype=run.dtype, gradient_checkpointing=run.gradient_checkpointing,
-        lora_r=run.lora_r, lora_alpha=2 * run.lora_r, tensorboard=False, seed=0)
+        lora_r=run.lora_r, lora_alpha=2 * run.lora_r or 16,  # > 0 even unused
+        tensorboard=False, seed=0)
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     load_s = time.perf_counter() - t0
@@ -260,14 +263,8 @@ def markdown(report: dict) -> str:
 
 
 def write_readme(path: Path, table: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    block = f"{README_START}\n{table}\n{README_END}"
-    if README_START in text and README_END in text:
-        head, rest = text.split(README_START, 1)
-        text = head + block + rest.split(README_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
+    """The scale table between its own markers in `path`."""
+    report.write_readme(path, table, README_START, README_END)
 
 
 def main(argv: list[str]) -> int:

@@ -60,6 +60,20 @@ def fm_data(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def fm_mixed(tmp_path_factory):
+    """Three classification and two counting Fashion-MNIST rows in one schema file."""
+    from gpg_vlm.data.prepare import main as prepare
+
+    out = tmp_path_factory.mktemp("fm_eval")
+    assert prepare(["fashion-mnist", "--out", str(out), "--train-size", "1", "--test-size", "3",
+                    "--tasks", "classification", "counting"]) == 0
+    lines = (out / "classification_test.jsonl").read_text().splitlines()
+    lines += (out / "counting_test.jsonl").read_text().splitlines()[:2]
+    (out / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    return out / "mixed.jsonl"
+
+
 @pytest.fixture
 def free_port() -> int:
     """A TCP port that was free a moment ago (bound to port 0, then released) for torchrun."""

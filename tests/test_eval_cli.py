@@ -11,20 +11,6 @@ from PIL import Image
 from gpg_vlm.eval_results import cvbench_total, mean_stderr, task_results
 from gpg_vlm.evaluate import main
 from gpg_vlm.tasks import reward_columns
-@pytest.fixture(scope="module")
-def fm_mixed(tmp_path_factory):
-    """Three classification and two counting Fashion-MNIST rows in one schema file."""
-    from gpg_vlm.data.prepare import main as prepare
-
-    out = tmp_path_factory.mktemp("fm_eval")
-    assert prepare(["fashion-mnist", "--out", str(out), "--train-size", "1", "--test-size", "3",
-                    "--tasks", "classification", "counting"]) == 0
-    lines = (out / "classification_test.jsonl").read_text().splitlines()
-    lines += (out / "counting_test.jsonl").read_text().splitlines()[:2]
-    (out / "mixed.jsonl").write_text("\n".join(lines) + "\n")
-    return out / "mixed.jsonl"
-
-
 def run_eval(capsys, *args):
     code = main(list(args))
     return code, capsys.readouterr()

@@ -10,20 +10,6 @@ from gpg_vlm.evaluate import Stopped, main, read_samples, stop_signals
 from gpg_vlm.rollout.hf import HFRollout
 
 
-@pytest.fixture(scope="module")
-def fm_rows(tmp_path_factory):
-    """Three classification and two counting Fashion-MNIST rows in one schema file."""
-    from gpg_vlm.data.prepare import main as prepare
-
-    out = tmp_path_factory.mktemp("fm_resume")
-    assert prepare(["fashion-mnist", "--out", str(out), "--train-size", "1", "--test-size", "3",
-                    "--tasks", "classification", "counting"]) == 0
-    lines = (out / "classification_test.jsonl").read_text().splitlines()
-    lines += (out / "counting_test.jsonl").read_text().splitlines()[:2]
-    (out / "mixed.jsonl").write_text("\n".join(lines) + "\n")
-    return out / "mixed.jsonl"
-
-
 def _args(model, data, out, *extra):
     # --token-budget 1: every row is a generate call of its own, so a stop can fall between rows
     return ["--model", str(model), "--benchmark", "jsonl", "--data", str(data), "--max-new-tokens", "5",
@@ -51,15 +37,15 @@ def _results(out):
     return payload["results"], [(s["doc_id"], s["completions"], s["rewards"]) for s in samples]
 
 
-def test_sigterm_stops_cleanly_and_resume_equals_an_uninterrupted_run(tiny_dirs, fm_rows, tmp_path,
+def test_sigterm_stops_cleanly_and_resume_equals_an_uninterrupted_run(tiny_dirs, fm_mixed, tmp_path,
                                                                       capsys, monkeypatch):
     model = tiny_dirs("qwen2_vl")
-    assert main(_args(model, fm_rows, tmp_path / "whole")) == 0
+    assert main(_args(model, fm_mixed, tmp_path / "whole")) == 0
     whole = _results(tmp_path / "whole")
 
     out = tmp_path / "cut"
     calls = _kill_on_call(monkeypatch, call=3)
-    code = main(_args(model, fm_rows, out))
+    code = main(_args(model, fm_mixed, out))
     err = capsys.readouterr().err
     assert code == 143 and len(calls) == 3
     assert "stopped by SIGTERM after 2 of 5 rows" in err
@@ -70,26 +56,26 @@ def test_sigterm_stops_cleanly_and_resume_equals_an_uninterrupted_run(tiny_dirs,
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
 
     # the same command again without --resume is refused before any work
-    assert main(_args(model, fm_rows, out)) == 2
+    assert main(_args(model, fm_mixed, out)) == 2
     assert "pass --resume" in capsys.readouterr().err
     calls.clear()
     monkeypatch.undo()
     resumed_calls = _kill_on_call(monkeypatch, call=99)
-    assert main(_args(model, fm_rows, out, "--resume")) == 0
+    assert main(_args(model, fm_mixed, out, "--resume")) == 0
     assert len(resumed_calls) == 3  # only the three unfinished rows were generated
     assert _results(out) == whole
     # control: the comparison can fail: another seed samples other completions
-    assert main(_args(model, fm_rows, tmp_path / "seed1", "--seed", "1")) == 0
+    assert main(_args(model, fm_mixed, tmp_path / "seed1", "--seed", "1")) == 0
     assert _results(tmp_path / "seed1")[1] != whole[1]
 
 
-def test_resume_refuses_changed_settings(tiny_dirs, fm_rows, tmp_path, capsys, monkeypatch):
+def test_resume_refuses_changed_settings(tiny_dirs, fm_mixed, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cut"
     _kill_on_call(monkeypatch, call=2)
-    assert main(_args(tiny_dirs("qwen2_vl"), fm_rows, out)) == 143
+    assert main(_args(tiny_dirs("qwen2_vl"), fm_mixed, out)) == 143
     capsys.readouterr()
     monkeypatch.undo()
-    assert main(_args(tiny_dirs("qwen2_vl"), fm_rows, out, "--resume", "--seed", "3")) == 2
+    assert main(_args(tiny_dirs("qwen2_vl"), fm_mixed, out, "--resume", "--seed", "3")) == 2
     err = capsys.readouterr().err
     assert "--resume: seed is 3 now but 0 in" in err and len(err.strip().splitlines()) == 1
 
