@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.scale import ScaleRun, recipe_runs, step_once  # noqa: E402
+from bench.scale import recipe_runs, step_once  # noqa: E402
 
 PEAK_TFLOPS = {"datasheet": 989.0, "measured_matmul": 790.0}
 NEEDS_TRANSFORMERS = (5, 23)  # setup.py's lower bound

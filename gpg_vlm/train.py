@@ -20,16 +20,15 @@ What is never lost: the main process locks output_dir and settles which run owns
 failed) and prints the resume command; SIGTERM, SIGINT and SIGHUP finish the step and save; a
 second Ctrl-C stops at once; an update that leaves a non-finite weight stops the run unsaved.
 
-This module holds the loop and the choices it makes; the numbers it moves between processes
-(gpg_vlm.dist), where they are written (gpg_vlm.run_log), what a checkpoint holds
-(gpg_vlm.checkpoint, gpg_vlm.lora) and what a row means (gpg_vlm.tasks) live beside it.
+This module holds the loop and the choices it makes; its set-up (gpg_vlm.train_setup), its
+loss (gpg_vlm.objective), what its checkpoints hold and what an error saves (gpg_vlm.train_state,
+gpg_vlm.checkpoint, gpg_vlm.lora), the numbers it moves between processes (gpg_vlm.dist), where
+they are written (gpg_vlm.run_log) and what a row means (gpg_vlm.tasks) live beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import json
 import logging
 import math
 import os
@@ -44,60 +43,24 @@ from pathlib import Path
 import torch
 
 from gpg_vlm import algo
-from gpg_vlm.checkpoint import (CheckpointError, checkpoint_to_resume, load_checkpoint_state,
-                                restore_rng, rng_state, save_checkpoint)
-from gpg_vlm.collect import (Collected, PromptStream, Sampler, TrainingError, resolve_rewards,
-                             rollout_metrics)
+from gpg_vlm.checkpoint import CheckpointError, checkpoint_to_resume
+from gpg_vlm.collect import Collected, Sampler, TrainingError, resolve_rewards, rollout_metrics
 from gpg_vlm.config import ConfigError, TrainConfig
-from gpg_vlm.data import DataError, load_rows
+from gpg_vlm.data import DataError
 from gpg_vlm.dist import Processes
-from gpg_vlm.lora import LoraSaver, add_lora, load_lora
-from gpg_vlm.models.adapter import AdapterError, VLMAdapter
+from gpg_vlm.models.adapter import AdapterError
 from gpg_vlm.models.batch import micro_batches
-from gpg_vlm.rollout import RolloutError, RolloutSetupError, make_engine
-from gpg_vlm.run_folder import FolderLock, RunFolderError, check_config_change, claim
+from gpg_vlm.objective import Objective
+from gpg_vlm.rollout import RolloutError, RolloutSetupError
 from gpg_vlm.run_log import RunLog, peak_memory_mb, quiet_unless_main
-from gpg_vlm.tasks import evaluate_rows, fitting_rows
+from gpg_vlm.tasks import evaluate_rows
+from gpg_vlm.train_setup import SetUp, check_dtype
+from gpg_vlm.train_state import Checkpoints
 
 log = logging.getLogger("gpg_vlm.train")
 
 
-class Objective:
-    """The loss of `cfg.algorithm`, chosen once at set-up (gpg_vlm.algo does the math).
-
-    `alpha(informative)` is GPG's bias correction (1 for the GRPO family); calling the object
-    gives one micro-batch's loss and its mean entropy (a float, 0.0 when entropy_coef is 0).
-    """
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.is_gpg = cfg.algorithm == "gpg"
-        # Dr.GRPO divides by the constant max_new_tokens instead of each completion's length
-        self.length_norm = float(cfg.max_new_tokens) if cfg.algorithm == "dr_grpo" else None
-
-    def alpha(self, informative: int) -> float:
-        return float(algo.gpg_alpha(self.cfg.prompts_per_step, informative)) if self.is_gpg else 1.0
-
-    def __call__(self, lp, entropy, adv, ref, mask, alpha: float, counts: dict, weights=None):
-        """lp, entropy, ref, mask, weights (truncated IS, or None): (b, t); adv: (b,);
-        counts: num_completions, num_tokens."""
-        cfg = self.cfg
-        if self.is_gpg:
-            loss = algo.gpg_loss(lp, adv, mask, alpha=alpha, token_mean=cfg.token_mean,
-                                 token_weights=weights, **counts)
-            if ref is not None:
-                loss = loss + algo.kl_penalty(lp, ref, mask, cfg.kl_beta, cfg.token_mean, **counts)
-        else:
-            loss = algo.grpo_loss(lp, None, ref, adv, mask, clip_eps=cfg.clip_eps, beta=cfg.kl_beta,
-                                  token_mean=cfg.token_mean, length_norm=self.length_norm,
-                                  token_weights=weights, **counts)
-        if entropy is None:
-            return loss, 0.0
-        bonus = algo.entropy_bonus(entropy, mask, cfg.entropy_coef, cfg.token_mean, **counts)
-        return loss + bonus, float(bonus.detach()) / -cfg.entropy_coef
-
-
-class Trainer:
+class Trainer(SetUp, Checkpoints):
     """One run: set-up, then `train()` calls `train_step()` until the step or time budget ends."""
 
     def __init__(self, cfg: TrainConfig, resume: Path | None = None, resuming: bool | None = None):
@@ -115,7 +78,7 @@ class Trainer:
         if cfg.prompts_per_step % self.procs.world:
             raise ConfigError(f"config key 'prompts_per_step': {cfg.prompts_per_step} is not divisible "
                               f"by the {self.procs.world} processes; use a multiple of {self.procs.world}")
-        _check_dtype(cfg.dtype, self.acc.device)
+        check_dtype(cfg.dtype, self.acc.device)
         self.out = Path(cfg.output_dir)
         self.lock = None
         try:
@@ -166,105 +129,6 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-
-    # ------------------------------------------------------------- set-up
-    def _claim_folder(self, resume: Path | None, resuming: bool) -> None:
-        """Lock output_dir, check a resumed config, and settle this run's lineage (main process)."""
-        cfg, say = self.cfg, lambda text: print(text, file=sys.stderr)
-        state = None
-        if resume is not None:
-            try:
-                state = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{resume}: unreadable trainer_state.json ({exc})") from None
-            check_config_change(state.get("config", {}), cfg.to_dict(), cfg.allow_config_change,
-                                Path(resume), say if self.procs.is_main else lambda text: None)
-        # processor and tokenizer files of new checkpoints come from the weights' own model
-        self.processor_dirs = [resume, cfg.model] if resume is not None and not cfg.lora_r else [cfg.model]
-        self.lineage, refused = None, None
-        if self.procs.is_main:  # only the main process holds the lock and writes files
-            try:
-                self.lock = FolderLock(self.out).acquire()
-                if self.lock.took_over:
-                    say(f"{self.out}: took over the lock left by a process that is gone "
-                        f"({self.lock.took_over})")
-                self.lineage, _ = claim(self.out, None if resume is None else Path(resume), state,
-                                        resuming, cfg.overwrite_output_dir, say)
-            except RunFolderError as exc:
-                refused = exc
-        if self.procs.main_decides(refused is not None):  # every process stops, not only the main
-            raise refused or RunFolderError(f"{self.out}: refused by the main process (see its message)")
-
-    def _load_rows(self) -> None:
-        cfg = self.cfg
-        self.rows = load_rows(cfg.data, on_bad_row=cfg.on_bad_row)
-        if not self.rows:
-            raise ConfigError(f"config key 'data': {cfg.data} holds no usable rows")
-        self.eval_rows = None
-        self.last_eval = None  # (step, per-item results) of the latest evaluation
-        if cfg.eval_data:
-            self.eval_rows = load_rows(cfg.eval_data, on_bad_row=cfg.on_bad_row)[: cfg.eval_limit or None]
-
-    def _check_prompts(self) -> None:
-        """Rows whose prompts the loaded model cannot take (too long, its special tokens) are
-        bad rows now, under on_bad_row, rather than errors in the middle of the run."""
-        cfg = self.cfg
-        limit = cfg.max_prompt_tokens
-        if cfg.rollout == "vllm":  # the engine refuses prompt + completion over its max_model_len
-            engine_limit = cfg.vllm_max_model_len - cfg.max_new_tokens
-            limit = engine_limit if limit is None else min(limit, engine_limit)
-        fit = dict(max_prompt_tokens=limit, max_new_tokens=cfg.max_new_tokens, on_bad_row=cfg.on_bad_row)
-        self.rows = fitting_rows(self.adapter, self.rows, cfg.prompt_template, **fit)
-        if not self.rows:
-            raise ConfigError(f"config key 'data': {cfg.data} holds no row whose prompt fits the model")
-        if self.eval_rows is not None:
-            self.eval_rows = fitting_rows(self.adapter, self.eval_rows, cfg.prompt_template, **fit)
-
-    def _load_models(self, resume: Path | None) -> None:
-        """Policy (trainable), reference (frozen, only when kl_beta > 0), optimizer, rollout engine."""
-        cfg = self.cfg
-        load = dict(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                    device=self.acc.device, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                    trust_remote_code=cfg.trust_remote_code)
-        # a full-weights checkpoint loads like any model directory; LoRA ones hold the LoRA only
-        weights_dir = resume if resume is not None and not cfg.lora_r else cfg.model
-        self.adapter = VLMAdapter.from_pretrained(weights_dir, **load)
-        self.reference = VLMAdapter.from_pretrained(cfg.model, **load) if cfg.kl_beta > 0 else None
-        if self.reference is not None:
-            self.reference.model.requires_grad_(False).eval()
-        self.params = self._setup_trainable()
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate,
-                                           betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-        # the training forward and the optimizer go through accelerate together (DDP here;
-        # FSDP / DeepSpeed configs in configs/accelerate wrap the same pair)
-        self.scorer, self.optimizer = self.acc.prepare(self.adapter.scorer, self.optimizer)
-        self.adapter.set_scorer(self.scorer)
-        self.rollout = make_engine(cfg.rollout, self.adapter, **self._engine_options())
-
-    def _engine_options(self) -> dict:
-        cfg = self.cfg
-        if cfg.rollout != "vllm":
-            return {}
-        # built from the base directory (always complete); the policy's own weights (a resumed
-        # or LoRA policy) are loaded into it before it samples
-        return dict(model_dir=cfg.model, seed=cfg.seed * 1000 + self.procs.index,
-                    gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, sleep=cfg.vllm_sleep,
-                    tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-                    max_model_len=cfg.vllm_max_model_len)
-
-    def _setup_trainable(self) -> list:
-        cfg, model = self.cfg, self.adapter.model
-        if cfg.freeze_vision:
-            self.adapter.freeze_vision()
-        if cfg.lora_r:
-            self.lora_config = add_lora(model, cfg)
-        if cfg.gradient_checkpointing:
-            self.adapter.enable_gradient_checkpointing()
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("nothing to train: every parameter is frozen")
-        return params
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.cfg
@@ -410,23 +274,6 @@ class Trainer:
         gap = ((lp - got.rollout.logprobs).abs() * got.rollout.completion_mask).max()
         return max(self.procs.gather_floats(float(gap)))
 
-    def _check_weights(self) -> None:
-        """Stop, saving nothing of this step, when the update left a NaN or infinite weight."""
-        with torch.no_grad():  # one device sync for all tensors
-            finite = torch.stack([torch.isfinite(p).all() for p in self.params]).cpu()  # (P,)
-        bad = (~finite).nonzero().flatten().tolist()
-        if not self.procs.sum(len(bad)):
-            return
-        self.weights_bad = True  # these weights are never saved
-        names = {id(p): n for n, p in self.adapter.model.named_parameters()}
-        first = names.get(id(self.params[bad[0]]), f"parameter {bad[0]}") if bad else "on another process"
-        last = self.out / f"checkpoint-{self.saved_step}" if self.saved_step else None
-        raise TrainingError(
-            f"step {self.step + 1}: the update left non-finite weights ({len(bad)} tensor(s), first "
-            f"{first}); they were not saved. The last good checkpoint is "
-            f"{last or 'none (no checkpoint was saved yet; set save_steps)'}; "
-            f"lower learning_rate (now {self.cfg.learning_rate:g}) or max_grad_norm")
-
     def _clip_and_check(self) -> float:
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         return float(self.acc.clip_grad_norm_(self.params, limit))
@@ -470,32 +317,6 @@ class Trainer:
             self.close()
         return run_log.history
 
-    def _keep_progress(self, exc: Exception) -> None:
-        """An error stopped the run after step k: save step k (unless the disk failed) and say so.
-
-        Only the process that met the error runs this, so it writes without waiting for the
-        others (in a multi-process run, only when that is the main process).
-        """
-        k = self.good_state["step"]
-        if not self.procs.is_main or k == 0 or self.weights_bad:
-            return
-        if self.mid_update:  # the weights moved past step k: a save would mix two steps
-            self.run_log.say(f"not saving: the error came after step {k + 1}'s update; the last "
-                             f"checkpoint is {self.out / f'checkpoint-{self.saved_step}' if self.saved_step else 'none'}")
-            return
-        if isinstance(exc, CheckpointError) or getattr(exc, "errno", None) in _DISK_ERRNOS:
-            self.run_log.say(f"not saving after a disk error; the last checkpoint is "
-                             f"{self.out / f'checkpoint-{self.saved_step}' if self.saved_step else 'none'}")
-            return
-        try:
-            path = self._write_checkpoint(self.good_state) if self.saved_step != k else \
-                self.out / f"checkpoint-{k}"
-        except Exception as again:  # noqa: BLE001 - say both, keep the first error as the cause
-            self.run_log.say(f"{type(exc).__name__} after step {k}; saving checkpoint-{k} failed too: {again}")
-            return
-        self.run_log.say(f"stopped by {type(exc).__name__} after step {k}: progress saved in {path}. "
-                         f"Resume with: {self.resume_command}")
-
     def _after_step(self) -> bool:
         """Step 6: stop on non-finite steps; evaluate and save at their intervals. True: stop."""
         cfg, procs = self.cfg, self.procs
@@ -521,7 +342,7 @@ class Trainer:
             return True
         return False
 
-    # --------------------------------------------------- evaluation, checkpoints
+    # ---------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
         self.adapter.model.eval()
         result = evaluate_rows(self.adapter, self.eval_rows, self.cfg.prompt_template,
@@ -533,59 +354,6 @@ class Trainer:
         result = self.evaluate()
         return {"step": self.step, "train_seconds": self.train_seconds,
                 **{f"eval/{k}": v for k, v in result.items()}}
-
-    def _state(self) -> dict:
-        """The trainer state of a checkpoint of the current step (every process takes part)."""
-        return {
-            "step": self.step,
-            "stream": self.sampler.stream.state(),
-            "nonfinite": self.nonfinite,
-            "rng": rng_state(self.procs.gather_objects(self.sampler.generator.get_state().tolist())),
-            "world_size": self.procs.world,
-            "config": self.cfg.to_dict(),
-            "run_id": self.lineage[-1] if self.lineage else None,
-            "lineage": self.lineage,
-        }
-
-    def save(self) -> Path:
-        path = self._write_checkpoint(self.good_state) if self.procs.is_main else None
-        self.procs.wait()
-        return path or self.out / f"checkpoint-{self.step}"
-
-    def _write_checkpoint(self, state: dict) -> Path:
-        model = LoraSaver(self.adapter.model) if self.cfg.lora_r else self.adapter.model
-        path = save_checkpoint(self.out, state["step"], model, self.processor_dirs,
-                               {"optimizer": self.optimizer.state_dict()},
-                               state, keep=self.cfg.save_total_limit)
-        self.saved_step = state["step"]
-        return path
-
-    def _resume(self, path: Path) -> None:
-        state, opt = load_checkpoint_state(path)
-        if state.get("world_size") != self.procs.world:
-            raise ConfigError(f"{path} was written by {state.get('world_size')} processes; resume "
-                              f"with the same number (now {self.procs.world})")
-        if self.cfg.lora_r:
-            load_lora(self.adapter.model, path)
-        self.optimizer.load_state_dict(opt["optimizer"])
-        self.step = int(state["step"])
-        self.nonfinite = int(state.get("nonfinite", 0))
-        self.sampler.stream = PromptStream(len(self.rows), self.cfg.seed, **state["stream"])
-        restore_rng(state["rng"], self.sampler.generator, self.procs.index)
-
-
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
-
-
-def _check_dtype(dtype: str, device: torch.device) -> None:
-    """Refuse, before any model loads, a dtype the device cannot train in."""
-    if device.type == "cpu" and dtype == "float16":
-        raise ConfigError("config key 'dtype': float16 cannot be trained on the CPU (no float16 "
-                          "matmul backward there); use float32 or bfloat16")
-    if device.type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"config key 'dtype': bfloat16 is not supported by {torch.cuda.get_device_name()}; "
-                          "use float32 or float16")
-
 
 class StoppedAtOnce(KeyboardInterrupt):
     """A second Ctrl-C: stop now, saving nothing."""
