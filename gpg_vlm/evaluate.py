@@ -59,8 +59,11 @@ class EvalError(Exception):
     """A problem with the command's inputs; main prints it as one line and returns 2."""
 
 
-class Stopped(Exception):
-    """SIGINT or SIGTERM arrived; the finished rows are on disk."""
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived; the finished rows are on disk.
+
+    A BaseException, like KeyboardInterrupt: the signal can land inside code that guards odd
+    input with `except Exception` (answer extraction, reward checks), which must not swallow it."""
 
 
 def load_eval_rows(benchmark: str, data: str, image_root: str | None = None,

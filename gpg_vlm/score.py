@@ -199,8 +199,9 @@ def _write_result(out: Path, result: dict) -> None:
     os.replace(tmp, out)
 
 
-class _Stop(Exception):
-    """SIGTERM arrived: stop after the current chunk."""
+class _Stop(BaseException):
+    """SIGTERM arrived: stop (a BaseException, like Ctrl-C's KeyboardInterrupt, so that reward code
+    guarding odd input with `except Exception` cannot swallow it)."""
 
 
 def _score_all(rows, args, journal, done: dict[int, dict]) -> dict[int, dict]:
