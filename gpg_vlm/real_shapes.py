@@ -42,12 +42,10 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpg_vlm.tiny import CHAT_TEMPLATE, _preprocessor_config
+from gpg_vlm.tiny import CHAT_TEMPLATE, _preprocessor_config, staged_dir
 
 # token string -> config field that must hold its id
 SPECIAL_FIELDS = {
@@ -274,9 +272,7 @@ def make_real_model(name: str, out: str | os.PathLike, seed: int = 0,
     with torch.device(device):
         model = model_class(shape.family)._from_config(config, dtype=torch.bfloat16).eval()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         # small shards: serialising one shard copies it, so the peak stays weights + one shard
         model.save_pretrained(tmp, max_shard_size="2GB")
         del model
@@ -287,13 +283,6 @@ def make_real_model(name: str, out: str | os.PathLike, seed: int = 0,
                      special_ids=ids, special_ids_differing_from_published=differs,
                      unverified=list(shape.unverified), dtype="bfloat16", seed=seed, **counts)
         (tmp / "real_shape.json").write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is readable like any other
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return facts
 
 

@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -352,9 +353,7 @@ def make_tiny_model(family: str, size: str, out: str | os.PathLike, seed: int = 
     if family in HYBRID:
         _spread_linear_attention_memory(model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         model.save_pretrained(tmp)
         GenerationConfig(
             bos_token_id=ids["<|endoftext|>"],
@@ -370,13 +369,24 @@ def make_tiny_model(family: str, size: str, out: str | os.PathLike, seed: int = 
         template = ("{%- set default_system = " + json.dumps(default_system) + " %}"
                     + CHAT_TEMPLATE + (_THINKING_PROMPT if family in HYBRID else _PLAIN_PROMPT))
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return out
+
+
+@contextmanager
+def staged_dir(out: Path):
+    """A private folder beside `out` to write a checkpoint into; on success it replaces `out`
+    in one rename (readable like any folder), on any error it is removed and `out` is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is readable like any other
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _spread_linear_attention_memory(model) -> None:

@@ -99,15 +99,29 @@ def huge_once_reward(completions, **columns):
 
 
 @pytest.fixture
-def planted(tmp_path, monkeypatch):
-    """A folder on sys.path (and PYTHONPATH for subprocesses) holding planted_rewards.py."""
-    folder = tmp_path / "planted"
-    folder.mkdir()
-    (folder / "planted_rewards.py").write_text(PLANTED_REWARDS)
-    monkeypatch.syspath_prepend(str(folder))
-    sys.modules.pop("planted_rewards", None)
-    yield folder
-    sys.modules.pop("planted_rewards", None)
+def plant_module(tmp_path, monkeypatch):
+    """plant_module(name, source) -> folder: a Python module written into a folder on sys.path
+    (and, through helpers.env, on PYTHONPATH for subprocesses), forgotten again after the test."""
+    names = []
+
+    def plant(name: str, source: str):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / f"{name}.py").write_text(source)
+        monkeypatch.syspath_prepend(str(folder))
+        sys.modules.pop(name, None)
+        names.append(name)
+        return folder
+
+    yield plant
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def planted(plant_module):
+    """A folder on sys.path holding planted_rewards.py (rewards a config names as planted_rewards:NAME)."""
+    return plant_module("planted_rewards", PLANTED_REWARDS)
 
 
 @pytest.fixture

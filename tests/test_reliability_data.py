@@ -531,14 +531,8 @@ def runaway_once_reward(completions, **columns):
 
 
 @pytest.fixture
-def planted(tmp_path, monkeypatch):
-    folder = tmp_path / "planted"
-    folder.mkdir()
-    (folder / "planted_data_rewards.py").write_text(PLANTED_REWARDS)
-    monkeypatch.syspath_prepend(str(folder))
-    sys.modules.pop("planted_data_rewards", None)
-    yield folder
-    sys.modules.pop("planted_data_rewards", None)
+def planted(plant_module):
+    return plant_module("planted_data_rewards", PLANTED_REWARDS)
 
 
 def train_cli(capsys, tmp_path, cfg) -> tuple[int, str]:

@@ -59,14 +59,8 @@ def slow(completions, **columns):
 
 
 @pytest.fixture
-def raising(tmp_path, monkeypatch):
-    folder = tmp_path / "raising"
-    folder.mkdir()
-    (folder / "raising_rewards.py").write_text(RAISING_REWARDS)
-    monkeypatch.syspath_prepend(str(folder))
-    sys.modules.pop("raising_rewards", None)
-    yield folder
-    sys.modules.pop("raising_rewards", None)
+def raising(plant_module):
+    return plant_module("raising_rewards", RAISING_REWARDS)
 
 
 def state(checkpoint: Path) -> dict:
