@@ -310,11 +310,13 @@ class Trainer(SetUp, Checkpoints):
             self._keep_progress(exc)
             raise
         finally:
-            for sig, handler in previous_handlers.items():
-                if handler is not None:  # None: set outside Python, cannot be put back
-                    signal.signal(sig, handler)
-            run_log.close()
-            self.close()
+            try:  # closed while our handlers still hold: a second Ctrl-C here stops at once too
+                run_log.close()
+                self.close()
+            finally:
+                for sig, handler in previous_handlers.items():
+                    if handler is not None:  # None: set outside Python, cannot be put back
+                        signal.signal(sig, handler)
         return run_log.history
 
     def _after_step(self) -> bool:
@@ -426,6 +428,10 @@ def main(argv: list[str]) -> int:
     except StoppedAtOnce:
         print("gpg-vlm train: stopped at once by a second Ctrl-C; nothing was saved after the last "
               "checkpoint", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a Ctrl-C after the run saved and gave its handlers back
+        print("gpg-vlm train: stopped by Ctrl-C while closing; the checkpoints written are complete",
+              file=sys.stderr)
         return 130
     steps = [h for h in history if "reward" in h]
     if steps and trainer.procs.is_main:

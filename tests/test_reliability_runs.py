@@ -295,6 +295,7 @@ def test_sighup_saves_like_sigterm_and_a_second_ctrl_c_stops_at_once(
     config = write_config(tmp_path / "int.yaml", make_config(
         tiny_dirs, fm_data, out, max_steps=500, rewards={"raising_rewards:slow": 1.0}))
     proc = _start(config, out, raising)
+    time.sleep(0.5)  # past step 1's end (where a stop request saves at once): inside step 2's reward
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
