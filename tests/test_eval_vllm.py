@@ -167,3 +167,13 @@ def test_pass_at_k_with_vllm_resumes_exactly(model_m, fm_mixed, tmp_path, capsys
     monkeypatch.undo()
     assert main(_args(model_m, fm_mixed, tmp_path / "seed1", *common, "--seed", "1")) == 0
     assert [s["completions"] for s in _samples(tmp_path / "seed1")] != [s["completions"] for s in samples]
+
+
+@pytest.mark.vllm
+def test_rollout_bench_runs_and_finds_equal_greedy_completions(capsys):
+    from gpg_vlm.cli import checkout_module
+
+    checkout_module("bench.eval_rollout").main(["--rows", "2", "--max-new-tokens", "3", "--k", "2",
+                                                "--repeats", "1"])
+    lines = [x for x in capsys.readouterr().out.splitlines() if "vllm / hf" in x]
+    assert len(lines) == 2 and "same completions" in lines[0] and "sampled" in lines[1], lines
