@@ -12,8 +12,10 @@ import math
 import os
 import signal
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from gpg_vlm.eval_results import pass_at_k, pass_ks, task_results
 from gpg_vlm.evaluate import main
@@ -106,22 +108,58 @@ def model_m(tmp_path_factory):
                            init_std=M_INIT_STD)
 
 
+GREEDY = ["--max-new-tokens", "8", "--dtype", "float32"]
+FIELDS = ("doc_id", "input", "completions", "extracted", "rewards", "truncated")
+
+
+def _greedy_pair(model, data, root):
+    """(hf samples, vllm samples, hf config, vllm config) of one greedy evaluation per engine."""
+    assert main(_args(model, data, root / "hf", *GREEDY)) == 0
+    assert main(_args(model, data, root / "vllm", *GREEDY, "--rollout", "vllm")) == 0
+    configs = [json.loads((root / k / "results.json").read_text())["configs"]["jsonl"] for k in ("hf", "vllm")]
+    return _samples(root / "hf"), _samples(root / "vllm"), *configs
+
+
+@pytest.fixture(scope="module")
+def greedy_m(model_m, fm_mixed, tmp_path_factory):
+    return _greedy_pair(model_m, fm_mixed, tmp_path_factory.mktemp("greedy_m"))
+
+
+def _fields(samples):
+    return [[s[f] for f in FIELDS] for s in samples]
+
+
 @pytest.mark.vllm
-def test_greedy_vllm_equals_hf(model_m, fm_mixed, tmp_path, capsys):
-    common = ["--max-new-tokens", "8", "--dtype", "float32"]
-    assert main(_args(model_m, fm_mixed, tmp_path / "hf", *common)) == 0
-    assert main(_args(model_m, fm_mixed, tmp_path / "vllm", *common, "--rollout", "vllm")) == 0, \
-        capsys.readouterr().err
-    hf, vl = _samples(tmp_path / "hf"), _samples(tmp_path / "vllm")
-    fields = ("doc_id", "input", "completions", "extracted", "rewards", "truncated")
-    assert [[s[f] for f in fields] for s in vl] == [[s[f] for f in fields] for s in hf]
+def test_greedy_vllm_equals_hf(greedy_m):
+    hf, vl, hf_config, vl_config = greedy_m
+    assert _fields(vl) == _fields(hf)
     # control: the completions depend on the prompt (so equal completions mean equal prompts)
     texts = [s["completions"][0] for s in hf]
     assert len(set(texts)) >= 3, texts
-    head_hf, head_vl = _head(tmp_path / "hf"), _head(tmp_path / "vllm")
-    assert head_vl["accuracy,none"] == head_hf["accuracy,none"]
-    configs = [json.loads((tmp_path / k / "results.json").read_text())["configs"]["jsonl"] for k in ("hf", "vllm")]
-    assert [c["rollout"] for c in configs] == ["hf", "vllm"]
+    assert [hf_config["rollout"], vl_config["rollout"]] == ["hf", "vllm"]
+
+
+@pytest.mark.vllm
+def test_greedy_vllm_serves_a_lora_checkpoint_merged(model_m, greedy_m, fm_mixed, tmp_path):
+    """A LoRA checkpoint: vLLM is built from the base folder, so only the merged weights it is
+    loaded with can make its completions equal our loop's on the merged model."""
+    from gpg_vlm.checkpoint import save_checkpoint
+    from gpg_vlm.lora import LoraSaver, add_lora
+    from gpg_vlm.models.adapter import VLMAdapter
+
+    adapter = VLMAdapter.from_pretrained(model_m, device="cpu")
+    add_lora(adapter.model, SimpleNamespace(model=str(model_m), lora_r=4, lora_alpha=16, lora_dropout=0.0,
+                                            lora_target_modules=("q_proj", "v_proj")))
+    torch.manual_seed(0)
+    for name, p in adapter.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    ckpt = save_checkpoint(tmp_path / "run", 1, LoraSaver(adapter.model), model_m, {"optimizer": {}},
+                           {"step": 1, "config": {"model": str(model_m), "lora_r": 4}}, keep=1)
+    hf, vl, _, _ = _greedy_pair(ckpt, fm_mixed, tmp_path)
+    assert _fields(vl) == _fields(hf)
+    # control: the adapter changes the completions, so serving the base weights would fail above
+    assert [s["completions"] for s in hf] != [s["completions"] for s in greedy_m[0]]
 
 
 def _kill_on_call(monkeypatch, call: int):
