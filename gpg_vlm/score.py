@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
 def score_items(rows: list[dict], args) -> list[dict]:
     """{reward, answer, extracted_by} per row, by the task's training reward in one batched call."""
     task_kind = "math" if args.task == "counting" else args.task
-    found = [extract(r["completion"], args.extract, task_kind, args.accept_bare) for r in rows]
+    found = [extract(r["completion"], args.extract, task_kind, args.accept_bare, r.get("choices"))
+             for r in rows]
     if args.extract == "lenient":  # the reward reads exactly the answer lenient extraction found
         completions, bare = [as_tagged(answer) for answer, _ in found], False
     else:
