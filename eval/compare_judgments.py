@@ -57,8 +57,12 @@ def _choices(record: dict):
 
 def _query_options(query) -> list[str] | None:
     """The lettered options "(A) text" as the prompt (`query`) showed them to the model."""
-    found = _QUERY_OPTION.findall(query) if isinstance(query, str) else []
-    return [text.strip() for _, text in found] or None
+    runs = []  # a few-shot prompt lists its examples' options first: the last run from "(A)" is the item's
+    for letter, text in _QUERY_OPTION.findall(query) if isinstance(query, str) else []:
+        if letter == "A" or not runs:
+            runs.append([])
+        runs[-1].append(text.strip())
+    return runs[-1] if runs else None
 
 
 def authors_error(row: dict, item: dict) -> str | None:
@@ -75,17 +79,18 @@ def authors_error(row: dict, item: dict) -> str | None:
       nearest-option guess, not the response;
     - "option_text_read_as_letter": their extraction is an option's own text ("(b)") that their
       scorer read as a letter and mapped to another option;
-    - "extraction_contradicts_phrase": the response's final-answer phrase selects one option
-      (a letter, and its text agrees when given) and their extraction another.
+    - "extraction_contradicts_response": the response's final-answer phrase, or the choice it
+      opens with, selects one option (a letter, and its text agrees when given) and their
+      extraction another ("The correct answer is (B) 50°." with B = 50°, extracted as "D").
     """
-    if row["judged"] and not row["response"].strip():
-        return "empty_response"
+    if row["judged"] and row["response"] is not None and not row["response"].strip():
+        return "empty_response"  # (a file without responses says nothing here)
     choices = row["choices"]
     if not choices:
         return None
     if row["query_options"] and row["query_options"] != [str(c).strip() for c in choices]:
         return "prompt_options_differ"
-    lines = [line.strip() for line in row["response"].splitlines() if line.strip()]
+    lines = [line.strip() for line in (row["response"] or "").splitlines() if line.strip()]
     if row["judged"] and lines and all(
             (m := _INVENTED.match(line)) and ord(m.group(1)) - ord("A") >= len(choices) for line in lines):
         return "invented_options"
@@ -96,8 +101,8 @@ def authors_error(row: dict, item: dict) -> str | None:
     if row["extraction"].strip() in texts and row["prediction"] != row["extraction"].strip():
         return "option_text_read_as_letter"
     ours = choice_index(item["answer"] or "", choices)
-    if item["extracted_by"] == "phrase" and ours is not None and theirs is not None and ours != theirs:
-        return "extraction_contradicts_phrase"
+    if item["extracted_by"] in ("phrase", "lead") and None not in (ours, theirs) and ours != theirs:
+        return "extraction_contradicts_response"
     return None
 
 
@@ -117,10 +122,12 @@ def to_score_rows(records: list[dict], read: str = "extraction") -> list[dict]:
                       else str(r.get("response") or ""))
         rows.append({
             "pid": r.get("pid"), "completion": completion, "solution": r["answer"],
+            "question": r.get("question"),
             "choices": _choices(r) if multi else None, "precision": precision,
             "task": "choice" if multi else "math", "judged": _verdict(r["true_false"]),
             "extraction": extraction, "prediction": r.get("prediction"),
-            "answer_type": r.get("answer_type"), "response": str(r.get("response") or ""),
+            "answer_type": r.get("answer_type"),
+            "response": None if r.get("response") is None else str(r["response"]),
             "query_options": _query_options(r.get("query")) if multi else None,
         })
     return rows

@@ -182,3 +182,37 @@ def test_option_steps_accept_the_right_answer_as_a_control():
 def test_options_do_not_change_a_tagged_or_boxed_answer():
     assert lenient_answer("No. <answer>(A)</answer>", "choice", YN) == ("(A)", "tag")
     assert lenient_answer("Yes, so \\boxed{B}", "choice", YN) == ("B", "boxed")
+
+
+# ---- numbers the question states, option lists, folded option names ----
+
+def test_numbers_the_question_states_are_passed_over_when_others_remain():
+    question = "How many bars have values below 40?"
+    assert lenient_answer("There are 3 bars with values below 40.", "math", question=question) == ("3", "last_line")
+    assert lenient_answer("There are 3 bars with values below 40.", "math") == ("40", "last_line")  # control
+    # the answer may equal a stated number: with nothing else on the line it is still read
+    assert lenient_answer("It is 40.", "math", question=question) == ("40", "last_line")
+    assert lenient_answer("Answer: 3 bars are below 40", "math", question=question) == ("3", "phrase")
+    wrong = lenient_answer("There are 5 bars with values below 40.", "math", question=question)[0]
+    assert reasoning_reward([as_tagged(wrong)], ["3"]) == [0.0]
+
+
+def test_an_opening_option_list_is_no_choice():
+    assert lenient_answer("(A) yes\n(B) no\n(C) maybe", "choice", YN) == (None, "none")
+    assert lenient_answer("(A) yes\nbecause it is larger", "choice", YN) == ("(A)", "lead")  # control
+
+
+def test_option_names_fold_case_hyphens_and_plurals():
+    options = ["Baseline", "Diffusion", "PDE-Refiner", "Pushforward"]
+    assert lenient_answer("The PDE Refiner has the lowest loss.", "choice", options) == ("PDE-Refiner", "option_text")
+    lobes = ["Inferior lobes", "Cardiac notch", "Superior lobes", "Middle lobe"]
+    assert lenient_answer("The largest part is the superior lobe.", "choice", lobes) == ("Superior lobes", "option_text")
+    # folding never joins two different words: "superior" alone names no option
+    assert lenient_answer("The largest part is the superior one.", "choice", lobes) == (None, "none")
+
+
+def test_chinese_final_answer_phrases():
+    angles = ["30°", "32°", "36°", "40°"]
+    assert lenient_answer("所以∠ADE的度数为36°。\n\n答案:C", "choice", angles) == ("C", "phrase")
+    assert lenient_answer("因此，CD的长为5，选项A正确。", "choice", ["5", "6", "8", "10"]) == ("A", "phrase")
+    assert lenient_answer("答案是 12", "math") == ("12", "phrase")

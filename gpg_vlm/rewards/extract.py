@@ -30,9 +30,10 @@ Steps 4 and 5 run only for a choice item whose options are known:
    ("B.", "(A) ...", "C - ...", "C" alone on the line) with the rest of that sentence, or a
    word-like option followed by punctuation or the line end ("No, the function is ...", but
    not "Yes, no, maybe": a first line naming two options opens with none).
-5. "option_text": the one word-like option (letters, not a bare letter or a number) that the
-   whole text names as a whole phrase, case-folded; an option named only inside a longer named
-   one ("quarter" in "quarter past") does not count; two or more named options are no answer.
+5. "option_text": the one word-like option (not a bare letter, a number or an expression) that
+   the whole text names as a whole phrase — case, hyphens and a plural "s" folded ("the PDE
+   Refiner" names "PDE-Refiner"); an option named only inside a longer named one ("quarter" in
+   "quarter past") does not count; two or more named options are no answer.
 6. "last_line": the last non-empty line, read by task:
    - math, counting, choice: its last number ("-3", "1,000", "2.5", "3/4") or choice letter,
      whichever comes last; a letter counts only as "(B)", "[B]", "B." / "B)" / "B:" at a word
@@ -70,12 +71,14 @@ _PHRASE = re.compile(
     r"(?:\b(?:final|correct)\s+(?:answer|option|choice)(?:\s+letter)?\b"
     r"(?:[^.:=\n]{0,60}?\bis\b|\s*[:=])?"
     r"|\banswer\s*(?:is\b|:|=|would\s+be\b|should\s+be\b)"
-    r"|\b(?:option|choice)\s+(?=\(?[A-Z]\)?\W*$))",
+    r"|\b(?:option|choice)\s+(?=\(?[A-Z]\)?\W*$)"
+    r"|\bis\s+(?:option|choice)\s+(?=\((?-i:[A-Z])\)|(?-i:[A-Z])\b)"
+    r"|答案\s*(?:是|为|應為|应为)?|故选|选项\s*(?=(?-i:[A-Z])))",
     re.IGNORECASE | re.MULTILINE,
 )
 _SENTENCE_END = re.compile(r"(?<!\d)\.(?!\d)|\.(?=\s|$)|[!?](?=\s|$)")
 _NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|(?<![\w.])-?\d+(?:\.\d+)?(?:/\d+)?")
-_LETTER = re.compile(r"\(([A-Z])\)|\[([A-Z])\]|(?<![\w(\[])([A-Z])[.):](?!\w)")
+_LETTER = re.compile(r"\(([A-Z])\)|\[([A-Z])\]|(?<![\w(\[/])([A-Z])[.):](?!\w)")
 _ONLY_LETTER = re.compile(r"[\s*_`'\"(\[]*([A-Z])[\s*_`'\".)\]:]*")
 _BOX_HINT = re.compile(r"\[\s*-?\d[^\[\]]*\]|\(\s*-?\d+(?:\.\d+)?\s*,\s*-?\d+(?:\.\d+)?\s*\)")
 _ANSWER_TAG = re.compile(r"</?answer>", re.IGNORECASE)
@@ -89,6 +92,7 @@ _COURTESY = re.compile(r"hope (?:this|that|it) (?:helps|answers)|let me know|oth
 _INNER_LETTER = re.compile(r"\([A-Z]\)")
 _LETTER_THEN_TEXT = re.compile(r"\(?([A-Z])(?:\)|[.:]|(?=\s))[.:]?\s+(\S.*)", re.DOTALL)
 _LEAD = re.compile(r"\s*[*_`]*(?:\(([A-Z])\)|([A-Z])(?:[.):,]|\s+-\s|[*_`]*\s*$))")
+_CJK_LETTER = re.compile(r"\(?([A-Z])\)?\s*(?=[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]|$)")
 _WORDY = re.compile(r"[A-Za-z]{3,}")
 
 
@@ -128,7 +132,10 @@ def _phrase(text: str) -> str | None:
     A phrase followed by punctuation instead of an answer ("the correct option letter, e.g.,
     A, B" in an echoed prompt) is passed over for the one before it."""
     for m in reversed(list(_PHRASE.finditer(text))):
-        rest = text[m.end():].split("\n", 1)[0].lstrip(" \t:*_")
+        rest = text[m.end():].split("\n", 1)[0].lstrip(" \t:：*_")
+        cjk = _CJK_LETTER.match(rest)
+        if cjk:  # "选项A正确", "答案：C。"
+            return cjk.group(1)
         if not rest or rest[0] in ",;":
             continue
         boxed = _boxed(rest)
@@ -145,7 +152,7 @@ def _phrase(text: str) -> str | None:
     return None
 
 
-def _last_line(text: str, task: str, choices=None) -> str | None:
+def _last_line(text: str, task: str, choices=None, question=None) -> str | None:
     """Step 6 of the module docstring: the last number or letter of the last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     while lines and _COURTESY.search(lines[-1]) and not re.search(r"\d", lines[-1]):
@@ -160,29 +167,51 @@ def _last_line(text: str, task: str, choices=None) -> str | None:
     only = _ONLY_LETTER.fullmatch(line)
     if only:
         return only.group(1)
-    found = [(m.end(), m.group(0).replace(",", "")) for m in _NUMBER.finditer(line)]
+    found = _unstated([(m.end(), m.group(0).replace(",", "")) for m in _NUMBER.finditer(line)], question)
     found += [(m.end(), next(g for g in m.groups() if g)) for m in _LETTER.finditer(line)]
     if choices:  # only what selects an option can answer a choice question
         found = [f for f in found if choice_index(f[1], choices) is not None]
     return max(found)[1] if found else None
 
 
-def _sole_number(answer: str) -> str:
-    """A prose answer that holds exactly one number ("There are 5 objects left") -> that number."""
+def _unstated(found: list[tuple[int, str]], question) -> list[tuple[int, str]]:
+    """`found` (position, number) without the numbers the question states, if any remain."""
+    stated = {_number(n) for n in _NUMBER.findall(question)} if isinstance(question, str) else set()
+    kept = [f for f in found if _number(f[1]) not in stated]
+    return kept or found
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "")) if "/" not in text else None
+    except ValueError:
+        return None
+
+
+def _sole_number(answer: str, question=None) -> str:
+    """A prose answer that holds exactly one number ("There are 5 objects left") -> that number;
+    numbers the question states do not count when others remain ("3 bars below 40")."""
     if value_of(answer) is not None or "\\" in answer or not _WORDY.search(answer):
         return answer
-    numbers = _NUMBER.findall(answer)
-    return numbers[0].replace(",", "") if len(numbers) == 1 else answer
+    numbers = _unstated([(m.end(), m.group(0)) for m in _NUMBER.finditer(answer)], question)
+    return numbers[0][1].replace(",", "") if len(numbers) == 1 else answer
+
+
+def _fold(text: str) -> str:
+    """Case, hyphens and plural "s" folded, for naming options in prose: "PDE Refiner" names
+    "PDE-Refiner", "the superior lobe" names "Superior lobes"."""
+    words = re.sub(r"(?<=\w)[-‐–](?=\w)", " ", text).casefold().split()
+    return " ".join(w[:-1] if len(w) > 3 and w.endswith("s") and w[-2].isalpha() else w for w in words)
 
 
 def _option_keys(choices) -> list[str | None]:
-    """Per choice, its casefolded text if it is word-like (has letters, is no bare letter and
-    no number), else None: only such options can be recognised by name in prose."""
+    """Per choice, its folded text if it is word-like (not a bare letter, not a number or
+    expression), else None: only such options can be recognised by name in prose."""
     keys = []
     for c in choices:
-        c = " ".join(str(c).split()).casefold()
-        wordy = re.search(r"[^\W\d_]", c) and len(c) > 1 and value_of(c) is None
-        keys.append(c if wordy else None)
+        c = " ".join(str(c).split())
+        wordy = len(c) > 1 and not re.fullmatch(r"\(?[A-Za-z]\)?", c) and value_of(c) is None
+        keys.append(_fold(c) if wordy else None)
     return keys
 
 
@@ -191,7 +220,7 @@ def _named_option(text: str, choices) -> int | None:
 
     An option named only inside a longer named option ("quarter" in "quarter past") does not
     count; two or more named options are no answer."""
-    folded = " ".join(text.split()).casefold()
+    folded = _fold(text)
     keys = _option_keys(choices)
     named = {i for i, k in enumerate(keys)
              if k and re.search(r"(?<!\w)" + re.escape(k) + r"(?!\w)", folded)}
@@ -203,14 +232,17 @@ def _lead(text: str, choices) -> str | None:
     """The choice a response opens with, else None: a letter ("B.", "(A) ...", "C - ...", "C"
     alone on the first line) with the rest of its first sentence, or a word-like option
     followed by punctuation or the line end ("No, the function is ...")."""
-    first = text.strip().split("\n", 1)[0]
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
     m = _LEAD.match(first)
+    if m and len(lines) > 1 and _LEAD.match(lines[1]):
+        return None  # "(A) yes\n(B) no ...": a list of options (an echoed prompt), no choice
     if m:
         rest = first[m.end():].strip(" *_`-")
         end = _SENTENCE_END.search(rest)
         rest = _tidy(rest[:end.start()] if end else rest)
         return _letter_choice(f"({m.group(1) or m.group(2)}) {rest}".strip(), choices)
-    head = " ".join(first.split()).casefold().lstrip("*_`")
+    head = _fold(first).lstrip("*_`")
     keys = _option_keys(choices)
     for i, key in enumerate(keys):
         if key and head.startswith(key) and re.match(r"[\s*_`]*(?:[.,!;:]|$)", head[len(key):]):
@@ -241,7 +273,7 @@ def _choice_steps(text: str, choices):
     yield "option_text", None if index is None else str(choices[index])
 
 
-def lenient_answer(completion, task: str = "math", choices=None) -> tuple[str | None, str]:
+def lenient_answer(completion, task: str = "math", choices=None, question=None) -> tuple[str | None, str]:
     """(answer, step) by the lenient steps of the module docstring; never raises."""
     tagged = extract_answer(completion)
     if tagged is not None:
@@ -251,7 +283,7 @@ def lenient_answer(completion, task: str = "math", choices=None) -> tuple[str | 
     for step, answer in (("boxed", _boxed(text)), ("phrase", _phrase(text))):
         answer = _tidy(answer) if answer else answer
         if answer and step == "phrase" and task in ("math", "counting") and not choices:
-            answer = _sole_number(answer)
+            answer = _sole_number(answer, question)
         if answer and choices:
             answer = _letter_choice(answer, choices)
         if answer:
@@ -259,23 +291,23 @@ def lenient_answer(completion, task: str = "math", choices=None) -> tuple[str | 
     for step, answer in _choice_steps(text, choices) if choices else ():
         if answer:
             return answer, step
-    answer = _last_line(text, task, choices)
+    answer = _last_line(text, task, choices, question)
     if answer:
         return _ANSWER_TAG.sub(" ", answer).strip(), "last_line"
     return None, "none"
 
 
 def extract(completion, mode: str = "strict", task: str = "math",
-            accept_bare: bool = False, choices=None) -> tuple[str | None, str]:
+            accept_bare: bool = False, choices=None, question=None) -> tuple[str | None, str]:
     """(answer, step) of one completion in `mode` ("strict" or "lenient"); never raises.
 
     `accept_bare` applies to strict mode only (answer.py): the whole visible text is the
     answer when the completion has no answer tag at all. `choices` (the item's options, or
-    None) is read by lenient mode only.
+    None) and `question` (its text, or None) are read by lenient mode only.
     """
     try:
         if mode == "lenient":
-            return lenient_answer(completion, task, choices)
+            return lenient_answer(completion, task, choices, question)
         answer = extract_answer(completion, accept_bare=accept_bare)
         step = "tag" if answer is not None and extract_answer(completion) is not None else "bare"
         return (answer, step) if answer is not None else (None, "none")
