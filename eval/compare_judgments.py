@@ -11,7 +11,13 @@ agreement with `true_false`. Two readings:
 - `--read extraction` (default): the completion is `<answer>{extraction}</answer>`, so only
   our answer comparison is measured against MathVista's, on the same extracted answers;
 - `--read response`: the completion is the model's own free text, scored with `--extract`
-  (lenient by default), so our rule-based extraction replaces their GPT-4 step as well.
+  (lenient by default), so our rule-based extraction replaces their GPT-4 step as well;
+- `--read execution`: the same for the printed output of the model's program, in the
+  program-of-thought runs (`output_*_2shot_code*.json`).
+
+Every disagreement is checked for evidence, in their own file, that their verdict is wrong
+(`authors_error`); agreement is reported over all items and over the items without such
+evidence.
 
 Records without a verdict or an answer are left out; a record `score` refuses as a bad row
 (e.g. an answer that is none of its choices) is counted under `bad_rows`, not compared.
@@ -81,7 +87,10 @@ def authors_error(row: dict, item: dict) -> str | None:
       scorer read as a letter and mapped to another option;
     - "extraction_contradicts_response": the response's final-answer phrase, or the choice it
       opens with, selects one option (a letter, and its text agrees when given) and their
-      extraction another ("The correct answer is (B) 50°." with B = 50°, extracted as "D").
+      extraction another ("The correct answer is (B) 50°." with B = 50°, extracted as "D");
+    - "extraction_misses_stated_answer": the same, but their extraction selects no option
+      (it is the answer to a question the model went on to invent, "455" miles) and the item
+      is judged wrong by their nearest-option guess.
     """
     if row["judged"] and row["response"] is not None and not row["response"].strip():
         return "empty_response"  # (a file without responses says nothing here)
@@ -101,14 +110,14 @@ def authors_error(row: dict, item: dict) -> str | None:
     if row["extraction"].strip() in texts and row["prediction"] != row["extraction"].strip():
         return "option_text_read_as_letter"
     ours = choice_index(item["answer"] or "", choices)
-    if item["extracted_by"] in ("phrase", "lead") and None not in (ours, theirs) and ours != theirs:
-        return "extraction_contradicts_response"
+    if item["extracted_by"] in ("phrase", "lead") and ours is not None and ours != theirs:
+        return "extraction_contradicts_response" if theirs is not None else "extraction_misses_stated_answer"
     return None
 
 
 def to_score_rows(records: list[dict], read: str = "extraction") -> list[dict]:
     """One `score` row per record that has a judgment; its pid and verdict kept alongside."""
-    rows = []
+    rows, shown = [], "response" if read == "extraction" else read  # the text the model's answer is in
     for r in records:
         if "true_false" not in r or r.get("answer") is None:
             continue
@@ -119,7 +128,7 @@ def to_score_rows(records: list[dict], read: str = "extraction") -> list[dict]:
         if isinstance(precision, str):  # some files write "1.0" or "None"
             precision = int(float(precision)) if precision.replace(".", "").isdigit() else None
         completion = (f"<answer>{extraction}</answer>" if read == "extraction"
-                      else str(r.get("response") or ""))
+                      else str(r.get(read) or ""))
         rows.append({
             "pid": r.get("pid"), "completion": completion, "solution": r["answer"],
             "question": r.get("question"),
@@ -127,7 +136,7 @@ def to_score_rows(records: list[dict], read: str = "extraction") -> list[dict]:
             "task": "choice" if multi else "math", "judged": _verdict(r["true_false"]),
             "extraction": extraction, "prediction": r.get("prediction"),
             "answer_type": r.get("answer_type"),
-            "response": None if r.get("response") is None else str(r["response"]),
+            "response": None if r.get(shown) is None else str(r[shown]),
             "query_options": _query_options(r.get("query")) if multi else None,
         })
     return rows
@@ -191,8 +200,9 @@ def compare(records: list[dict], read: str = "extraction", extract: str | None =
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", type=Path, help="MathVista output_*.json (or .jsonl) files")
-    p.add_argument("--read", choices=("extraction", "response"), default="extraction",
-                   help="score their extracted answer, or the model's own free-text response")
+    p.add_argument("--read", choices=("extraction", "response", "execution"), default="extraction",
+                   help="score their extracted answer, the model's own free-text response, or the "
+                        "output of its program (MathVista's program-of-thought runs)")
     p.add_argument("--extract", choices=("strict", "lenient"), default=None,
                    help="extraction mode (default: strict for extraction, lenient for response)")
     p.add_argument("--show", type=int, default=5, help="print this many disagreements per file")

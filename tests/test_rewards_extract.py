@@ -135,6 +135,7 @@ WITH_OPTIONS = [
     ("Please give the correct option letter, e.g., A, B, C, D, at the end.\nAnswer: (E) Science.", None,
      ("(E) Science", "phrase")),  # a phrase followed by punctuation is passed over
     ("So the answer is definitely no, there are none.", YN, ("no", "phrase")),
+    ('The correct answer to the question "Is it rough?" is (B), no.', YN, ("(B)", "phrase")),  # not its "Is"
     ("Coral is not the roughest; it ranks 38th of 40.", YN, (None, "none")),  # numbers are no yes/no answer
     ("The angle is 30 degrees, half of 60.", ANGLES, ("30", "last_line")),  # a value that is an option
 ]

@@ -197,3 +197,17 @@ def test_lenient_score_reads_the_rows_question_and_choices():
     choice = [{"completion": "No, it is not.", "solution": "No", "choices": ["Yes", "No"]}]
     assert score_records(choice, "choice", "lenient")[0]["extracted_by"] == "lead"
     assert score_records(choice, "choice", "strict")[0]["reward"] == 0.0
+
+
+def test_authors_error_when_their_extraction_misses_the_stated_answer():
+    sys.path.insert(0, str(ROOT / "eval"))
+    try:
+        from compare_judgments import authors_error
+    finally:
+        sys.path.pop(0)
+    angles = ["30°", "35°", "40°", "45°"]
+    row = {"judged": False, "response": "The answer is C.\n\nQuestion: how far? ... 455 miles.",
+           "choices": angles, "query_options": angles, "extraction": "455", "prediction": "45°"}
+    assert authors_error(row, {"answer": "C", "extracted_by": "phrase"}) == "extraction_misses_stated_answer"
+    # read from the last line only, the answer is not a stated one: no claim
+    assert authors_error(row, {"answer": "C", "extracted_by": "last_line"}) is None

@@ -69,7 +69,7 @@ MAX_SCAN = 200_000  # lenient steps 2-6 read at most the last this many characte
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _PHRASE = re.compile(
     r"(?:\b(?:final|correct)\s+(?:answer|option|choice)(?:\s+letter)?\b"
-    r"(?:[^.:=\n]{0,60}?\bis\b|\s*[:=])?"
+    r"(?:[^.:=\n]{0,60}?\b(?-i:is)\b|\s*[:=])?"  # lower-case "is": not the "Is" of a quoted question
     r"|\banswer\s*(?:is\b|:|=|would\s+be\b|should\s+be\b)"
     r"|\b(?:option|choice)\s+(?=\(?[A-Z]\)?\W*$)"
     r"|\bis\s+(?:option|choice)\s+(?=\((?-i:[A-Z])\)|(?-i:[A-Z])\b)"
