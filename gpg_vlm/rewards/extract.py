@@ -15,12 +15,14 @@ the text outside `<think>` blocks, as the training reward does:
    a completion that did answer.
 2. "boxed": the content of the last `\\boxed{...}` (braces balanced; `\\fbox{}` too).
 3. "phrase": the last explicit final-answer phrase — "the (final/correct) answer is X",
-   "answer: X", "the correct option/choice is X", "final answer X" — up to the end of its
-   line, cut at the end of the sentence (a "." that is not a decimal point, "!" or "?"), with
-   Markdown emphasis, `$` and hedges ("definitely", "most likely") removed. A phrase followed
-   by "," or ";" instead of an answer (an echoed prompt: "the correct option letter, e.g., A,
-   B") is passed over for the one before it. For math and counting, a prose answer that holds
-   exactly one number ("Answer: There are 5 objects left") is that number.
+   "answer: X", "the correct option/choice is X", "is option (X)", "final answer X", and the
+   Chinese "答案是 X" / "答案：X" / "选项X" / "故选X" (a letter there is read alone) — up to
+   the end of its line, cut at the end of the sentence (a "." that is not a decimal point, "!"
+   or "?"), with Markdown emphasis, `$` and hedges ("definitely", "most likely") removed. A
+   phrase followed by "," or ";" instead of an answer (an echoed prompt: "the correct option
+   letter, e.g., A, B") is passed over for the one before it. For math and counting, a prose
+   answer that holds exactly one number ("Answer: There are 5 objects left") is that number,
+   not counting numbers the question states when others remain.
    With the item's options known (`choices`), the phrase and lead answers "(D) 145°" where
    the text after the letter names no option (by text, value or as a phrase) are read as the
    letter alone: the letter is the choice made, the rest a wrong working value. A letter whose
@@ -39,7 +41,9 @@ Steps 4 and 5 run only for a choice item whose options are known:
      whichever comes last; a letter counts only as "(B)", "[B]", "B." / "B)" / "B:" at a word
      start, or a line that is only the letter ("B", "**B**"); for a choice item with known
      options only a letter or number that selects an option counts (the 40 in "ranked 40th"
-     is no answer to a yes/no question);
+     is no answer to a yes/no question); with the question known (`question`), a number it
+     states gives way to another number on the line ("There are 3 bars with values below
+     40." for "How many bars are below 40?" reads 3), but is read when it is the only one;
    - grounding: the whole line, if it holds a bracket of four numbers or a point pair;
    - classification: the whole line (the class name must then be all that line says, since
      the classification reward compares whole answers).
@@ -50,8 +54,8 @@ wraps it in answer tags for them), so lenient differs from strict only in where 
 Deliberately left out: model-based extraction (MathVista's GPT-4 step, which also infers
 "Yes" from "the number of X is greater than Y"), nearest-option guessing (MathVista maps even
 "N/A" to its most similar option), number words in the last line ("the two people" is no
-answer 2), multi-line answers outside tags, and answers in languages other than English for
-the phrase step.
+answer 2), multi-line answers outside tags, and phrases in languages other than English and
+Chinese.
 """
 
 from __future__ import annotations
