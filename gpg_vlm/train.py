@@ -203,7 +203,7 @@ class Trainer(SetUp, Checkpoints):
         grad_norm = self._clip_and_check()  # after the all-reduce: equal on every rank
         out = {"grad_norm": grad_norm, "loss": procs.sum(loss) / procs.world, "updated": False,
                "rollout_logprob_diff": max(procs.gather_floats(stats["diff"])),
-               "micro_batches": stats["parts"]}
+               "micro_batches_per_process": procs.gather_objects(stats["parts"])}
         if cfg.rollout_is_cap is not None:  # over the trained tokens of every process
             tokens = max(procs.sum(stats["tokens"]), 1)
             out["rollout_is_mean"] = procs.sum(stats["weight_sum"]) / tokens
@@ -227,7 +227,7 @@ class Trainer(SetUp, Checkpoints):
     def _backward(self, got: Collected, advantages, ref, alpha, train_rows, counts) -> tuple:
         """Backward over the micro-batches of `train_rows`: (summed loss, summed mean entropy,
         stats: the largest |training - rollout| log-prob `diff` over the trained tokens, the
-        truncated-IS `weight_sum`, `clipped` and `tokens` counts, and this process's `parts`)."""
+        truncated-IS `weight_sum`, `clipped` and `tokens` counts, this process's `parts`)."""
         cfg, batch, rollout = self.cfg, got.batch, got.rollout
         zero = len(train_rows) == 0
         if zero:  # take part in the gradient all-reduce with a zero loss

@@ -48,7 +48,10 @@ def test_fsdp_steps_equal_ddp(runs):
     root, report = runs
     ddp, fsdp, other_lr = report["ddp"], report["fsdp"], report["fsdp_lr"]
     assert len(ddp["loss"]) == 3 and all(ddp["updated"]) and all(fsdp["updated"])
-    assert ddp["micro_batches"] >= 2  # the accumulation path (no sync until the last) ran
+    # accumulation (no sync until the last micro-batch) ran, with more micro-batches on one
+    # process than on the other at some step (the other ran dummies: FSDP needs equal counts)
+    assert fsdp["micro_batches"] == ddp["micro_batches"]
+    assert any(len(set(c)) > 1 and max(c) >= 2 for c in fsdp["micro_batches"]), fsdp["micro_batches"]
     assert _close(fsdp["loss"], ddp["loss"]), (fsdp["loss"], ddp["loss"])
     assert _close(fsdp["grad_norm"], ddp["grad_norm"]), (fsdp["grad_norm"], ddp["grad_norm"])
     assert fsdp["grad_norm"][0] > 0.1  # max_grad_norm clipped at 0.1: the global norm matters
@@ -108,6 +111,13 @@ def test_fsdp_refuses_lora_in_one_line(tiny_dirs, fm_data, tmp_path):
 
 
 # ------------------------------------------------------------------ the worker (torchrun)
+def uneven_reward(completions, **columns):
+    """Parity of the length on process 0; on process 1 only in its first group (G = 4), so the
+    processes train different numbers of completions, hence of micro-batches."""
+    first_only = os.environ.get("RANK") == "1"
+    return [float(len(c) % 2 == 0) if i < 4 or not first_only else 0.0 for i, c in enumerate(completions)]
+
+
 def _train(model: str, data: str, out: Path, resume: Path | None = None, **changes) -> dict:
     """Train one config in this process; what the test compares (the same on every process)."""
     from gpg_vlm.config import TrainConfig
@@ -115,7 +125,7 @@ def _train(model: str, data: str, out: Path, resume: Path | None = None, **chang
 
     values = dict(model=model, data=data, output_dir=str(out), group_size=4, prompts_per_step=4,
                   max_new_tokens=6, learning_rate=1e-3, max_steps=3, save_steps=2, save_total_limit=3,
-                  rewards={"rewards_for_tests:parity_reward": 1.0}, tensorboard=False,
+                  rewards={"test_fsdp:uneven_reward": 1.0}, tensorboard=False,
                   lr_schedule="constant", max_resample_tries=0, max_grad_norm=0.1,
                   micro_batch_tokens=64)  # small enough for several micro-batches per process
     values.update(changes)
@@ -125,7 +135,7 @@ def _train(model: str, data: str, out: Path, resume: Path | None = None, **chang
     return {"loss": [h["loss"] for h in steps], "grad_norm": [h.get("grad_norm", 0.0) for h in steps],
             "updated": [h["updated"] for h in steps],
             "checksums": next(h["parameter_checksums"] for h in history if "parameter_checksums" in h),
-            "micro_batches": max(h.get("micro_batches", 0) for h in steps)}
+            "micro_batches": [h.get("micro_batches_per_process") for h in steps]}
 
 
 def _worker(model: str, data: str, root: str) -> None:
