@@ -6,8 +6,8 @@ torch.distributed. Two ways to hold the policy over W processes (TrainConfig.sha
 - ddp: accelerate wraps the training forward in DistributedDataParallel; every process keeps
   full parameters, gradients and optimizer state.
 - fsdp: torch's FSDP2 (`fully_shard`): each decoder layer and vision block (the model's
-  `_no_split_modules`) is one unit, the training forward (TokenScorer) the root holding the
-  rest (embeddings, output layer, merger). Parameters, gradients and optimizer state are
+  `_no_split_modules`) is one unit, the training forward (TokenScorer, in `_Copied`) the root
+  holding the rest (embeddings, output layer, merger). Parameters, gradients and optimizer state are
   DTensors sharded over the W processes. Rollout, the engine's weight sync, checkpoints and
   the parameter checksum see full tensors (`full_parameters`, `full_tensor`).
 
@@ -101,7 +101,7 @@ class Processes:
                                 f"{type(model).__name__} (its _no_split_modules: {sorted(units)})")
         for block in blocks:  # inner units first; the root then holds what is left
             fully_shard(block)
-        fully_shard(scorer)
+        scorer = fully_shard(_Copied(scorer))
         # FSDP2 takes the first unit to run forward as its root; rollout runs the model, not the
         # scorer, and would make a decoder layer the root. Settle the scorer as root now.
         scorer._get_fsdp_state()._lazy_init()
@@ -150,6 +150,20 @@ class Processes:
 
             return deepspeed.zero.GatheredParameters(list(model.parameters()))
         return nullcontext()
+
+
+class _Copied(torch.nn.Module):
+    """The FSDP2 root: the training forward, its log-probs returned as copies. FSDP2 hooks its
+    pre-backward on the root's outputs, and those are views (b, T) of one (b, T, 1 or 2) tensor,
+    where an in-place op would skip the hook (it warns so); a copy of (b, T) floats rules it out."""
+
+    def __init__(self, scorer):
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, *args, **kwargs):
+        out = self.scorer(*args, **kwargs)  # (b, T) or ((b, T), (b, T))
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

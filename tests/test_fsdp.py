@@ -41,6 +41,7 @@ def runs(tiny_dirs, fm_data, tmp_path_factory):
                OMP_NUM_THREADS="1")
     run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-6000:]
+    assert "returned a view tensor" not in run.stderr  # FSDP2's warning about its backward hook
     return root, json.loads((root / "report.json").read_text())
 
 
@@ -62,6 +63,9 @@ def test_fsdp_steps_equal_ddp(runs):
     assert other_lr["loss"][0] == pytest.approx(ddp["loss"][0], abs=TOL)  # same first step
     assert abs(other_lr["loss"][1] - ddp["loss"][1]) > 100 * TOL
     assert not _close(other_lr["checksums"], ddp["checksums"])
+    # the vLLM weight sync's view (gpg_vlm/rollout/vllm.py full_weights): whole, equal to DDP's
+    assert fsdp["engine_weights"][0] == ddp["engine_weights"][0]
+    assert _close(fsdp["engine_weights"][1:], ddp["engine_weights"][1:])
 
 
 def test_fsdp_checkpoint_is_an_ordinary_checkpoint(runs):
@@ -110,6 +114,26 @@ def test_fsdp_refuses_lora_in_one_line(tiny_dirs, fm_data, tmp_path):
         make_config(tiny_dirs, fm_data, tmp_path, sharding="zero3")
 
 
+def test_accelerate_fsdp_launcher_is_refused_in_one_line():
+    """accelerate's FSDP launcher (on GPUs; on CPU accelerate stops first) names what to use."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from gpg_vlm.config import ConfigError
+    from gpg_vlm.dist import Processes
+
+    acc = SimpleNamespace(num_processes=2, process_index=0, is_main_process=True,
+                          distributed_type=DistributedType.FSDP)
+    with pytest.raises(ConfigError, match="set sharding: fsdp in the training config") as caught:
+        Processes(acc, "fsdp")
+    assert "\n" not in str(caught.value)
+    acc.distributed_type = DistributedType.MULTI_CPU
+    assert Processes(acc, "fsdp").fsdp and not Processes(acc, "ddp").fsdp
+    acc.num_processes = 1  # one process: nothing to shard
+    assert not Processes(acc, "fsdp").fsdp
+
+
 # ------------------------------------------------------------------ the worker (torchrun)
 def uneven_reward(completions, **columns):
     """Parity of the length on process 0; on process 1 only in its first group (G = 4), so the
@@ -132,6 +156,21 @@ def _train(model: str, data: str, out: Path, resume: Path | None = None, **chang
     trainer = Trainer(TrainConfig(**values), resume=resume)
     history = trainer.train()
     steps = [h for h in history if "loss" in h]
+    return {**_metrics(history, steps), "engine_weights": _engine_weights(trainer)}
+
+
+def _engine_weights(trainer) -> list:
+    """(name count, checksum) of what the vLLM weight sync would send, taken as train.py does
+    (inside the rollout's gathered parameters); under fsdp its state_dict holds DTensors."""
+    from gpg_vlm.rollout.vllm import full_weights
+
+    with trainer.procs.full_parameters(trainer.scorer, trainer.adapter.model):
+        weights = dict(full_weights(trainer.adapter.model))
+    names = sorted(weights)
+    return [len(names), float(sum((weights[k].double() * (i + 1)).sum() for i, k in enumerate(names)))]
+
+
+def _metrics(history: list, steps: list) -> dict:
     return {"loss": [h["loss"] for h in steps], "grad_norm": [h.get("grad_norm", 0.0) for h in steps],
             "updated": [h["updated"] for h in steps],
             "checksums": next(h["parameter_checksums"] for h in history if "parameter_checksums" in h),
