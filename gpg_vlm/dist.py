@@ -99,7 +99,7 @@ class Processes:
         if not blocks:
             raise ShardingError(f"sharding: fsdp found no decoder layer or vision block in "
                                 f"{type(model).__name__} (its _no_split_modules: {sorted(units)})")
-        for block in blocks:  # inner units first; the root then holds what is left
+        for block in reversed(blocks):  # a unit inside another first; the root holds the rest
             fully_shard(block)
         scorer = fully_shard(_Copied(scorer))
         # FSDP2 takes the first unit to run forward as its root; rollout runs the model, not the
