@@ -2,8 +2,8 @@
 
 One torchrun runs this file as a worker (`__main__` below), so the imports are paid once: in
 each process it trains the same tiny config under ddp and under fsdp (rollout through the
-gathered parameters, gradient accumulation over 2 micro-batches, clipping, a checkpoint at
-steps 2 and 3), resumes each run's checkpoint-2 under the other sharding, and trains once more
+gathered parameters, gradient accumulation over several micro-batches, more on one process
+than on the other, clipping, a checkpoint at steps 2 and 3), resumes each run's checkpoint-2 under the other sharding, and trains once more
 under fsdp with another learning rate as the negative control. The test compares what the
 processes report: per-step losses and gradient norms, parameter checksums, checkpoint files.
 """
