@@ -22,8 +22,9 @@ second Ctrl-C stops at once; an update that leaves a non-finite weight stops the
 
 This module holds the loop and the choices it makes; its set-up (gpg_vlm.train_setup), its
 loss (gpg_vlm.objective), what its checkpoints hold and what an error saves (gpg_vlm.train_state,
-gpg_vlm.checkpoint, gpg_vlm.lora), the numbers it moves between processes (gpg_vlm.dist), where
-they are written (gpg_vlm.run_log) and what a row means (gpg_vlm.tasks) live beside it.
+gpg_vlm.checkpoint, gpg_vlm.lora), the numbers it moves between processes and how they hold
+the policy (gpg_vlm.dist: ddp or fsdp), where they are written (gpg_vlm.run_log) and what a row
+means (gpg_vlm.tasks) live beside it.
 """
 
 from __future__ import annotations
