@@ -12,6 +12,9 @@ FACTORS moves alone: group size 4 / 8 / 16, completion length 64 / 256 / 700, im
 (bench/scale.py's `step_once`: bf16, LoRA r=16, gradient checkpointing, one prompt) in a fresh
 process, so its peak RSS is its own. Every completion is forced to exactly T tokens (EOS is
 forbidden for T steps, as bench/harness.py does) and the record says how many were generated.
+The worker changes two things in its own process only, so bench/scale.py is reused unchanged:
+HFRollout.generate gets `min_new_tokens=T` (and records the peak RSS when the rollout ends),
+and scale.write_data writes rows of `images` images.
 
 Deliberately left out: more than one step per point, repeats (the machine is shared; the CPU
 seconds of each point's process are recorded beside its wall time), GPUs.
