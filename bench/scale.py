@@ -225,7 +225,11 @@ def ensure_model(shape: str, cache: Path, log) -> Path:
 
 
 def run_shape(run: ScaleRun, cache: Path, log) -> dict:
+    """The step record of `run` (a fresh process), with `build_seconds` (0 when cached) and the
+    UTC time it was measured."""
+    t0 = time.perf_counter()
     model = ensure_model(run.shape, cache, log)
+    build_s = round(time.perf_counter() - t0, 1)
     with tempfile.TemporaryDirectory(prefix="gpg-scale-") as tmp:
         tmp = Path(tmp)
         spec = {"run": asdict(run), "model": str(model), "scratch": str(tmp),
@@ -234,7 +238,16 @@ def run_shape(run: ScaleRun, cache: Path, log) -> dict:
         log(f"one GPG step of {run.shape} ({run.recipe}) ...")
         subprocess.run([sys.executable, "-m", "bench.scale", "--worker", str(tmp / "spec.json")],
                        check=True, env=_python_env(), cwd=ROOT)
-        return json.loads((tmp / "result.json").read_text())
+        record = json.loads((tmp / "result.json").read_text())
+    return {**record, "build_seconds": build_s,
+            "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+def merge_models(previous: list[dict], new: list[dict]) -> list[dict]:
+    """`previous` records with those of the shapes in `new` replaced (new shapes appended)."""
+    fresh = {r["shape"]: r for r in new}
+    merged = [fresh.pop(r["shape"], r) for r in previous]
+    return merged + [r for r in new if r["shape"] in fresh]
 
 
 def machine() -> dict:
@@ -248,8 +261,8 @@ def machine() -> dict:
 def markdown(report: dict) -> str:
     lines = [
         "| model | recipe | parameters | vocab | G x completion tokens | prompt tokens | step s "
-        "(rollout / train) | peak RSS (GiB) | loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(rollout / train) | peak RSS (GiB) | loss | measured (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["models"]:
         s = r["settings"]
@@ -258,7 +271,7 @@ def markdown(report: dict) -> str:
             f"({r['trainable_parameters'] / 1e6:.1f}M LoRA) | {r['vocab_size']} | "
             f"{r['completions']} x {s['completion_tokens']} | {r['prompt_tokens']} | "
             f"{r['step_seconds']:.0f} ({r['rollout_seconds']:.0f} / {r['train_seconds']:.0f}) | "
-            f"{r['peak_rss_mb'] / 1024:.1f} | {r['loss']:.4g} |")
+            f"{r['peak_rss_mb'] / 1024:.1f} | {r['loss']:.4g} | {r.get('measured_utc', '?')} |")
     return "\n".join(lines)
 
 
@@ -270,7 +283,9 @@ def write_readme(path: Path, table: str) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpg-vlm bench scale", description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", default=None, help="shapes to run (default: all)")
-    parser.add_argument("--output", default=None, help="results JSON (default bench/scale.json)")
+    parser.add_argument("--output", default=None,
+                        help="results JSON (default bench/scale.json, where the records of shapes "
+                             "not run now are kept; any other file holds this run only)")
     parser.add_argument("--readme", default=None,
                         help="Markdown file whose scale block is replaced (default: bench/README.md "
                              "when --output is the default, else none)")
@@ -300,9 +315,11 @@ def main(argv: list[str]) -> int:
         run = ScaleRun(**{**asdict(runs[shape]), "completion_tokens": args.completion_tokens,
                           "image_pixels": args.image_pixels, "threads": args.threads})
         models.append(run_shape(run, cache, log))
+    output = Path(args.output or RESULTS / "scale.json")
+    if args.output is None and output.is_file():  # the repository's record: keep other shapes
+        models = merge_models(json.loads(output.read_text())["models"], models)
     report = {"command": "gpg-vlm bench scale " + " ".join(argv), "machine": machine(),
               "models": models, "skipped_recipes": skipped}
-    output = Path(args.output or RESULTS / "scale.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
     table = markdown(report)
