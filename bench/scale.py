@@ -70,7 +70,7 @@ class ScaleRun:
     gradient_checkpointing: bool = True
     dtype: str = "bfloat16"
     threads: int = 0
-    """torch threads (0: every CPU)."""
+    """torch threads (0: torch's default, every CPU; `main` passes `auto_threads()`)."""
 
 
 def noise_reward(completions: list[str], **columns) -> list[float]:
@@ -106,6 +106,19 @@ def recipe_runs(configs: Path = ROOT / "configs", skipped: list | None = None) -
             recipe_prompts_per_step=int(cfg["prompts_per_step"]),
             recipe_max_new_tokens=int(cfg["max_new_tokens"]))
     return runs
+
+
+def auto_threads(cpus: int | None = None, load: float | None = None) -> int:
+    """Threads for one step: the CPUs the 1-minute load average leaves idle, at least 1.
+
+    A parallel region (every matrix product, every elementwise op) ends when its slowest
+    thread does, so on a machine whose other jobs already fill the CPUs a second thread
+    mostly waits to be scheduled. Measured at reduced depth on the shared 2-core machine
+    (load 10-12): one thread took a quarter of the wall time and half the CPU time of two.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    load = os.getloadavg()[0] if load is None else load
+    return max(1, min(cpus, int(cpus - load + 0.5)))
 
 
 def _rss_mb() -> float:
@@ -212,14 +225,18 @@ def _python_env() -> dict:
     return env
 
 
-def ensure_model(shape: str, cache: Path, log) -> Path:
-    """The checkpoint of `shape` in `cache`, built by a separate process when missing."""
+def ensure_model(shape: str, cache: Path, log, threads: int = 0) -> Path:
+    """The checkpoint of `shape` in `cache`, built by a separate process (with `threads` torch
+    threads; 0: torch's default) when missing."""
     path = cache / f"real-{shape}"
     if not (path / "real_shape.json").is_file():
         log(f"building {shape} in {path} (random bf16 weights) ...")
         t0 = time.perf_counter()
+        env = _python_env()
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         subprocess.run([sys.executable, "-m", "gpg_vlm.cli", "make-real-model", "--shape", shape,
-                        "--out", str(path)], check=True, env=_python_env(), cwd=ROOT)
+                        "--out", str(path)], check=True, env=env, cwd=ROOT)
         log(f"built {shape} in {time.perf_counter() - t0:.0f} s")
     return path
 
@@ -228,7 +245,7 @@ def run_shape(run: ScaleRun, cache: Path, log) -> dict:
     """The step record of `run` (a fresh process), with `build_seconds` (0 when cached) and the
     UTC time it was measured."""
     t0 = time.perf_counter()
-    model = ensure_model(run.shape, cache, log)
+    model = ensure_model(run.shape, cache, log, run.threads)
     build_s = round(time.perf_counter() - t0, 1)
     with tempfile.TemporaryDirectory(prefix="gpg-scale-") as tmp:
         tmp = Path(tmp)
@@ -293,7 +310,9 @@ def main(argv: list[str]) -> int:
                         help="where checkpoints are built (default: $TMPDIR/gpg-vlm-scale)")
     parser.add_argument("--completion-tokens", type=int, default=ScaleRun.completion_tokens)
     parser.add_argument("--image-pixels", type=int, default=ScaleRun.image_pixels)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the build and the step (default: the CPUs the load "
+                             "average leaves idle, at least 1; 0: torch's default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -312,13 +331,19 @@ def main(argv: list[str]) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     models = []
     for shape in only:
+        load = os.getloadavg()[0]
+        threads = auto_threads(load=load) if args.threads is None else args.threads
+        log(f"{shape}: {threads or 'default'} torch thread(s), load average {load:.1f} "
+            f"on {os.cpu_count()} CPUs")
         run = ScaleRun(**{**asdict(runs[shape]), "completion_tokens": args.completion_tokens,
-                          "image_pixels": args.image_pixels, "threads": args.threads})
-        models.append(run_shape(run, cache, log))
+                          "image_pixels": args.image_pixels, "threads": threads})
+        command = "gpg-vlm bench scale " + " ".join(argv)
+        models.append({**run_shape(run, cache, log), "command": command,
+                       "load_average_at_start": round(load, 2)})
     output = Path(args.output or RESULTS / "scale.json")
     if args.output is None and output.is_file():  # the repository's record: keep other shapes
         models = merge_models(json.loads(output.read_text())["models"], models)
-    report = {"command": "gpg-vlm bench scale " + " ".join(argv), "machine": machine(),
+    report = {"command": "per record (`command`)", "machine": machine(),
               "models": models, "skipped_recipes": skipped}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")

@@ -51,3 +51,10 @@ def test_merge_keeps_other_shapes_and_replaces_rerun_ones():
     merged = scale.merge_models(old, [{"shape": "b", "v": 2}, {"shape": "c", "v": 2}])
     assert merged == [{"shape": "a", "v": 1}, {"shape": "b", "v": 2}, {"shape": "c", "v": 2}]
     assert scale.merge_models([], [{"shape": "a"}]) == [{"shape": "a"}]
+
+
+def test_auto_threads_leaves_a_busy_machine_one_thread():
+    assert scale.auto_threads(cpus=2, load=0.1) == 2  # idle: every CPU
+    assert scale.auto_threads(cpus=2, load=1.2) == 1
+    assert scale.auto_threads(cpus=2, load=12.0) == 1  # never 0 (0 would mean torch's default)
+    assert scale.auto_threads(cpus=16, load=3.0) == 13
