@@ -28,6 +28,7 @@ ALGORITHMS = ("gpg", "grpo", "dr_grpo")
 ROLLOUTS = ("hf", "vllm")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+SHARDINGS = ("ddp", "fsdp")
 ATTENTION = (None, "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -149,6 +150,8 @@ class TrainConfig:
     """sdpa, eager or flash_attention_2 (None: flash_attention_2 on GPU when installed, else sdpa)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, ~30% more time."""
+    sharding: str = "ddp"
+    """How several processes (torchrun / accelerate launch) hold the policy: ddp, a full copy each; fsdp, its parameters, gradients and optimizer state split over them (torch FSDP2, each decoder layer and vision block a unit), gathered whole for rollout and checkpoints (gpg_vlm/dist.py). One process: no sharding either way."""
     freeze_vision: bool = False
     """Train only the language model (the vision tower and merger stay fixed)."""
     lora_r: int = 0
@@ -229,6 +232,11 @@ class TrainConfig:
             bad("max_minutes", f"must be > 0 or null, got {self.max_minutes}")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.sharding not in SHARDINGS:
+            bad("sharding", f"{self.sharding!r} is not one of {', '.join(SHARDINGS)}")
+        if self.sharding == "fsdp" and self.lora_r:
+            bad("sharding", "fsdp with LoRA (lora_r > 0) is not supported: LoRA's trainable weights "
+                "are small, so use sharding: ddp (optionally with gradient_checkpointing)")
         if self.rollout not in ROLLOUTS:
             bad("rollout", f"{self.rollout!r} is not one of {', '.join(ROLLOUTS)}")
         if self.rollout != "vllm":

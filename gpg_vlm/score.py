@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--completion-field", default="completion")
     p.add_argument("--solution-field", default="solution")
     p.add_argument("--choices-field", default="choices", help="task choice: the options list")
+    p.add_argument("--question-field", default="question",
+                   help="optional question text; lenient extraction passes over numbers it states")
     p.add_argument("--precision-field", default="precision",
                    help="counting/math: decimals to round the answer to, used when present")
     p.add_argument("--image-size-field", default="image_size", help="grounding: original (W, H)")
@@ -90,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 def score_items(rows: list[dict], args) -> list[dict]:
     """{reward, answer, extracted_by} per row, by the task's training reward in one batched call."""
     task_kind = "math" if args.task == "counting" else args.task
-    found = [extract(r["completion"], args.extract, task_kind, args.accept_bare) for r in rows]
+    found = [extract(r["completion"], args.extract, task_kind, args.accept_bare, r.get("choices"),
+                     r.get("question")) for r in rows]
     if args.extract == "lenient":  # the reward reads exactly the answer lenient extraction found
         completions, bare = [as_tagged(answer) for answer, _ in found], False
     else:
@@ -133,7 +136,7 @@ def journal_path(output: Path) -> Path:
 def _settings(args) -> dict:
     """What a journal must agree on to be continued: the input and everything that scores."""
     keys = ("task", "extract", "completion_field", "solution_field", "choices_field",
-            "precision_field", "image_size_field", "model_image_size_field", "box_format",
+            "precision_field", "question_field", "image_size_field", "model_image_size_field", "box_format",
             "iou_threshold", "accept_bare")
     return {"version": JOURNAL_VERSION, "predictions": str(Path(args.predictions).resolve()),
             **{k: getattr(args, k) for k in keys}}

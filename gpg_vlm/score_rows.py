@@ -106,6 +106,8 @@ def parse_row(record, where: str, args) -> dict:
     check_solution(row["solution"], args.task, row.get("choices"), where, args.solution_field)
     if args.task in ("math", "counting", "choice"):
         row["precision"] = record.get(args.precision_field)
+        question = record.get(getattr(args, "question_field", "question"))
+        row["question"] = question if isinstance(question, str) else None  # lenient extraction only
     if args.task == "grounding":  # every frame clips to the original image
         row["image_size"] = _size(field(args.image_size_field), where, args.image_size_field)
         if args.box_format == "abs_resized":

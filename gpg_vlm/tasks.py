@@ -136,7 +136,8 @@ def extracted(texts: list[str], rows: list, mode: str = "strict") -> tuple[list,
     the answer it found, wrapped in answer tags, so the reward and its normalisation stay the same."""
     if mode not in EXTRACT_MODES:
         raise ValueError(f"unknown extraction mode {mode!r}; valid: {', '.join(EXTRACT_MODES)}")
-    found = [extract(t, mode, extraction_kind(r)) for t, r in zip(texts, rows)]
+    found = [extract(t, mode, extraction_kind(r), choices=getattr(r, "choices", None),
+                     question=getattr(r, "problem", None)) for t, r in zip(texts, rows)]
     scored = texts if mode == "strict" else [as_tagged(answer) for answer, _ in found]
     return [a for a, _ in found], [step for _, step in found], scored
 

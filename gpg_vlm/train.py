@@ -22,8 +22,9 @@ second Ctrl-C stops at once; an update that leaves a non-finite weight stops the
 
 This module holds the loop and the choices it makes; its set-up (gpg_vlm.train_setup), its
 loss (gpg_vlm.objective), what its checkpoints hold and what an error saves (gpg_vlm.train_state,
-gpg_vlm.checkpoint, gpg_vlm.lora), the numbers it moves between processes (gpg_vlm.dist), where
-they are written (gpg_vlm.run_log) and what a row means (gpg_vlm.tasks) live beside it.
+gpg_vlm.checkpoint, gpg_vlm.lora), the numbers it moves between processes and how they hold
+the policy (gpg_vlm.dist: ddp or fsdp), where they are written (gpg_vlm.run_log) and what a row
+means (gpg_vlm.tasks) live beside it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import shlex
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -47,7 +47,7 @@ from gpg_vlm.checkpoint import CheckpointError, checkpoint_to_resume
 from gpg_vlm.collect import Collected, Sampler, TrainingError, resolve_rewards, rollout_metrics
 from gpg_vlm.config import ConfigError, TrainConfig
 from gpg_vlm.data import DataError
-from gpg_vlm.dist import Processes
+from gpg_vlm.dist import Processes, full_tensor
 from gpg_vlm.models.adapter import AdapterError
 from gpg_vlm.models.batch import micro_batches
 from gpg_vlm.objective import Objective
@@ -73,7 +73,7 @@ class Trainer(SetUp, Checkpoints):
         self.acc = Accelerator(
             cpu=not torch.cuda.is_available(),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-        self.procs = Processes(self.acc)
+        self.procs = Processes(self.acc, cfg.sharding)
         quiet_unless_main(self.procs.is_main)
         if cfg.prompts_per_step % self.procs.world:
             raise ConfigError(f"config key 'prompts_per_step': {cfg.prompts_per_step} is not divisible "
@@ -203,7 +203,8 @@ class Trainer(SetUp, Checkpoints):
         loss, entropy, stats = self._backward(got, advantages, ref, alpha, train_rows, counts)
         grad_norm = self._clip_and_check()  # after the all-reduce: equal on every rank
         out = {"grad_norm": grad_norm, "loss": procs.sum(loss) / procs.world, "updated": False,
-               "rollout_logprob_diff": max(procs.gather_floats(stats["diff"]))}
+               "rollout_logprob_diff": max(procs.gather_floats(stats["diff"])),
+               "micro_batches_per_process": procs.gather_objects(stats["parts"])}
         if cfg.rollout_is_cap is not None:  # over the trained tokens of every process
             tokens = max(procs.sum(stats["tokens"]), 1)
             out["rollout_is_mean"] = procs.sum(stats["weight_sum"]) / tokens
@@ -226,8 +227,8 @@ class Trainer(SetUp, Checkpoints):
 
     def _backward(self, got: Collected, advantages, ref, alpha, train_rows, counts) -> tuple:
         """Backward over the micro-batches of `train_rows`: (summed loss, summed mean entropy,
-        stats: the largest |training - rollout| log-prob `diff` over the trained tokens, and the
-        truncated-IS `weight_sum`, `clipped` and `tokens` counts)."""
+        stats: the largest |training - rollout| log-prob `diff` over the trained tokens, the
+        truncated-IS `weight_sum`, `clipped` and `tokens` counts, this process's `parts`)."""
         cfg, batch, rollout = self.cfg, got.batch, got.rollout
         zero = len(train_rows) == 0
         if zero:  # take part in the gradient all-reduce with a zero loss
@@ -235,13 +236,14 @@ class Trainer(SetUp, Checkpoints):
         kept = rollout.select(train_rows, rollout.prompt_index[train_rows])
         parts = micro_batches(batch, kept.prompt_index, kept.completion_mask, cfg.micro_batch_tokens)
         total, entropy_total = 0.0, 0.0
-        stats = {"diff": 0.0, "weight_sum": 0.0, "clipped": 0, "tokens": 0}
-        for k, idx in enumerate(parts):
+        stats = {"diff": 0.0, "weight_sum": 0.0, "clipped": 0, "tokens": 0, "parts": len(parts)}
+        parts = self.procs.common_parts(parts)  # (micro-batch, real): a dummy has its loss zeroed
+        for k, (idx, real) in enumerate(parts):
             rows = train_rows[idx]
             mask = rollout.completion_mask[rows]  # (b, T)
             t = max(1, int(mask.sum(-1).max()))
             # gradients are all-reduced once, on the last micro-batch
-            with self.acc.no_sync(self.scorer) if k < len(parts) - 1 else nullcontext():
+            with self.procs.no_sync(self.scorer, last=k == len(parts) - 1):
                 out = self.adapter.logprobs(batch, rollout.prompt_index[rows],
                                             rollout.completion_ids[rows, :t], mask[:, :t],
                                             cfg.temperature, with_entropy=cfg.entropy_coef > 0)
@@ -252,15 +254,17 @@ class Trainer(SetUp, Checkpoints):
                 gap = ((lp.detach() - sampled).abs() * mask_t).max()
                 stats["diff"] = max(stats["diff"], float(gap))
                 weights = None
-                if cfg.rollout_is_cap is not None:
+                if cfg.rollout_is_cap is not None and real:
                     weights, clipped = algo.truncated_is_weights(lp, sampled, mask_t, cfg.rollout_is_cap)
                     stats["weight_sum"] += float(weights.sum())
                     stats["clipped"] += int(clipped.sum())
                     stats["tokens"] += int(mask_t.sum())
                 loss, mean_entropy = self.objective(lp, entropy, advantages[rows].to(lp.device), ref_t,
                                                     mask_t, alpha, counts, weights)
-                if zero:
+                if zero or not real:
                     loss = loss * 0.0
+                if not real:
+                    mean_entropy = 0.0
                 self.acc.backward(loss)
             total += float(loss.detach())
             entropy_total += mean_entropy
@@ -269,19 +273,20 @@ class Trainer(SetUp, Checkpoints):
     @torch.no_grad()
     def _logprob_diff(self, got: Collected) -> float:
         """rollout_logprob_diff of a step that trains nothing: over all of its completions."""
-        lp = self.adapter.completion_logprobs(got.batch, got.rollout, self.cfg.temperature,
-                                              self.cfg.micro_batch_tokens)  # (B, T)
+        with self.procs.full_parameters(self.scorer, self.adapter.model):  # no per-layer collective
+            lp = self.adapter.completion_logprobs(got.batch, got.rollout, self.cfg.temperature,
+                                                  self.cfg.micro_batch_tokens)  # (B, T)
         gap = ((lp - got.rollout.logprobs).abs() * got.rollout.completion_mask).max()
         return max(self.procs.gather_floats(float(gap)))
 
     def _clip_and_check(self) -> float:
         limit = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        return float(self.acc.clip_grad_norm_(self.params, limit))
+        return self.procs.clip_grad_norm(self.params, limit)
 
     def parameter_checksum(self) -> float:
         """A float fingerprint of the trainable weights (equal on every data-parallel process)."""
         with torch.no_grad():
-            return float(sum((p.double() * (i + 1)).sum() for i, p in enumerate(self.params)))
+            return float(sum((full_tensor(p).double() * (i + 1)).sum() for i, p in enumerate(self.params)))
 
     # ---------------------------------------------------------------- loop
     def train(self) -> list[dict]:
@@ -347,8 +352,9 @@ class Trainer(SetUp, Checkpoints):
     # ---------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
         self.adapter.model.eval()
-        result = evaluate_rows(self.adapter, self.eval_rows, self.cfg.prompt_template,
-                               max_new_tokens=self.cfg.max_new_tokens)
+        with self.procs.full_parameters(self.scorer, self.adapter.model):
+            result = evaluate_rows(self.adapter, self.eval_rows, self.cfg.prompt_template,
+                                   max_new_tokens=self.cfg.max_new_tokens)
         self.last_eval = (self.step, result.pop("items"))  # per-item results, for reports
         return result
 

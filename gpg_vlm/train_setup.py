@@ -101,12 +101,13 @@ class SetUp:
         self.reference = VLMAdapter.from_pretrained(cfg.model, **load) if cfg.kl_beta > 0 else None
         if self.reference is not None:
             self.reference.model.requires_grad_(False).eval()
-        self.params = self._setup_trainable()
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate,
-                                           betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-        # the training forward and the optimizer go through accelerate together (DDP here;
-        # FSDP / DeepSpeed configs in configs/accelerate wrap the same pair)
-        self.scorer, self.optimizer = self.acc.prepare(self.adapter.scorer, self.optimizer)
+        self._setup_trainable()
+        adamw = lambda params: torch.optim.AdamW(  # noqa: E731
+            params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        # DDP (or a DeepSpeed config) through accelerate, or FSDP2 units; the optimizer is built
+        # after sharding, over the parameters the processes then hold (gpg_vlm.dist)
+        self.scorer, self.optimizer, self.params = self.procs.prepare(self.adapter.model,
+                                                                      self.adapter.scorer, adamw)
         self.adapter.set_scorer(self.scorer)
         self.rollout = make_engine(cfg.rollout, self.adapter, **self._engine_options())
 
@@ -121,7 +122,7 @@ class SetUp:
                     tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                     max_model_len=cfg.vllm_max_model_len)
 
-    def _setup_trainable(self) -> list:
+    def _setup_trainable(self) -> None:
         cfg, model = self.cfg, self.adapter.model
         if cfg.freeze_vision:
             self.adapter.freeze_vision()
@@ -130,7 +131,5 @@ class SetUp:
         if cfg.gradient_checkpointing:
             self.adapter.enable_gradient_checkpointing()
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("nothing to train: every parameter is frozen")
-        return params

@@ -112,3 +112,108 @@ def test_adversarial_roots_are_not_numbers(text):
 def test_sqrt_word_does_not_make_a_wrong_answer_right():
     assert reasoning_reward(["<answer>3sqrt(2)</answer>"], ["2√{3}"]) == [0.0]
     assert reasoning_reward(["<answer>2sqrt(3)+1</answer>"], ["2√{3}"]) == [0.0]
+
+
+# ---- lenient steps that read the item's options (lead, option_text) and their limits ----
+
+YN = ["Yes", "No"]
+WORDS = ["decrease", "nothing", "increase", "none of the above"]
+TIMES = ["half", "quarter", "o'clock", "quarter to", "quarter past"]
+ANGLES = ["25°", "30°", "40°", "50°"]
+WITH_OPTIONS = [
+    # completion, choices, (answer, step)
+    ("No, the function is not injective on R.", YN, ("No", "lead")),
+    ("yes. The pieces are cut into triangles", YN, ("Yes", "lead")),
+    ("B. The length of BD is about 4.", ANGLES, ("(B)", "lead")),  # the rest names no option
+    ("A\nThere are more buses behind the plane.", YN, ("(A)", "lead")),
+    ("(C) 40°", ANGLES, ("(C)", "lead")),  # letter and its own text agree
+    ("If the trees died, the population would most likely decrease.", WORDS, ("decrease", "option_text")),
+    ("The time shown is quarter past.", TIMES, ("quarter past", "option_text")),  # not also "quarter"
+    ("The answer is (D) 145°.", ANGLES, ("(D)", "phrase")),  # 145° is no option: the letter is the choice
+    ("The answer is (B) 40°.", ANGLES, ("(B) 40°", "phrase")),  # another option's text: left to the reward
+    ("Answer: There are 5 objects left after that.", None, ("5", "phrase")),  # prose with one number
+    ("Please give the correct option letter, e.g., A, B, C, D, at the end.\nAnswer: (E) Science.", None,
+     ("(E) Science", "phrase")),  # a phrase followed by punctuation is passed over
+    ("So the answer is definitely no, there are none.", YN, ("no", "phrase")),
+    ('The correct answer to the question "Is it rough?" is (B), no.', YN, ("(B)", "phrase")),  # not its "Is"
+    ("Coral is not the roughest; it ranks 38th of 40.", YN, (None, "none")),  # numbers are no yes/no answer
+    ("The angle is 30 degrees, half of 60.", ANGLES, ("30", "last_line")),  # a value that is an option
+]
+
+
+@pytest.mark.parametrize("completion,choices,expected", WITH_OPTIONS)
+def test_lenient_steps_with_options(completion, choices, expected):
+    task = "choice" if choices else "math"
+    assert lenient_answer(completion, task, choices) == expected
+    assert extract(completion, "lenient", task, choices=choices) == expected
+    assert extract(completion, "strict", task, choices=choices) == (None, "none")  # strict ignores them
+
+
+# Wrong or non-answers that the option steps must not turn into a right one (solution first).
+NOT_RIGHT = [
+    ("Yes", "Yes, no, maybe: it is hard to say.", YN),  # both options named: no answer
+    ("No", "Yes or no, I cannot tell.", YN),
+    ("Yes", "Nobody knows.", YN),  # "No" inside a word
+    ("Yes", "A man stands there. It is not clear.", YN),  # an article is not the letter A
+    ("quarter", "It is quarter past.", TIMES),  # the longer option is the one named
+    ("25°", "(B) 25°", ANGLES),  # a letter with another option's text is a contradiction
+    ("25°", "(E) 25°\n(F) 50°", ANGLES),  # a letter beyond the options (a continued list)
+    ("decrease", "decrease increase nothing none of the above", WORDS),  # listing every option
+    ("Yes", "", YN),
+    ("No", "C", YN),  # a letter beyond two options
+]
+
+
+@pytest.mark.parametrize("solution,completion,choices", NOT_RIGHT)
+def test_option_steps_do_not_accept_wrong_answers(solution, completion, choices):
+    answer, _ = lenient_answer(completion, "choice", choices)
+    assert reasoning_reward([as_tagged(answer)], [solution], choices=[choices]) == [0.0]
+
+
+def test_option_steps_accept_the_right_answer_as_a_control():
+    # the positive twin of NOT_RIGHT's cases: the same readers do give credit when earned
+    assert reasoning_reward([as_tagged(lenient_answer("No, it is not.", "choice", YN)[0])], ["No"],
+                            choices=[YN]) == [1.0]
+    assert reasoning_reward([as_tagged(lenient_answer("(A) 25°", "choice", ANGLES)[0])], ["25°"],
+                            choices=[ANGLES]) == [1.0]
+    assert reasoning_reward([as_tagged(lenient_answer("It is quarter past.", "choice", TIMES)[0])],
+                            ["quarter past"], choices=[TIMES]) == [1.0]
+
+
+def test_options_do_not_change_a_tagged_or_boxed_answer():
+    assert lenient_answer("No. <answer>(A)</answer>", "choice", YN) == ("(A)", "tag")
+    assert lenient_answer("Yes, so \\boxed{B}", "choice", YN) == ("B", "boxed")
+
+
+# ---- numbers the question states, option lists, folded option names ----
+
+def test_numbers_the_question_states_are_passed_over_when_others_remain():
+    question = "How many bars have values below 40?"
+    assert lenient_answer("There are 3 bars with values below 40.", "math", question=question) == ("3", "last_line")
+    assert lenient_answer("There are 3 bars with values below 40.", "math") == ("40", "last_line")  # control
+    # the answer may equal a stated number: with nothing else on the line it is still read
+    assert lenient_answer("It is 40.", "math", question=question) == ("40", "last_line")
+    assert lenient_answer("Answer: 3 bars are below 40", "math", question=question) == ("3", "phrase")
+    wrong = lenient_answer("There are 5 bars with values below 40.", "math", question=question)[0]
+    assert reasoning_reward([as_tagged(wrong)], ["3"]) == [0.0]
+
+
+def test_an_opening_option_list_is_no_choice():
+    assert lenient_answer("(A) yes\n(B) no\n(C) maybe", "choice", YN) == (None, "none")
+    assert lenient_answer("(A) yes\nbecause it is larger", "choice", YN) == ("(A)", "lead")  # control
+
+
+def test_option_names_fold_case_hyphens_and_plurals():
+    options = ["Baseline", "Diffusion", "PDE-Refiner", "Pushforward"]
+    assert lenient_answer("The PDE Refiner has the lowest loss.", "choice", options) == ("PDE-Refiner", "option_text")
+    lobes = ["Inferior lobes", "Cardiac notch", "Superior lobes", "Middle lobe"]
+    assert lenient_answer("The largest part is the superior lobe.", "choice", lobes) == ("Superior lobes", "option_text")
+    # folding never joins two different words: "superior" alone names no option
+    assert lenient_answer("The largest part is the superior one.", "choice", lobes) == (None, "none")
+
+
+def test_chinese_final_answer_phrases():
+    angles = ["30°", "32°", "36°", "40°"]
+    assert lenient_answer("所以∠ADE的度数为36°。\n\n答案:C", "choice", angles) == ("C", "phrase")
+    assert lenient_answer("因此，CD的长为5，选项A正确。", "choice", ["5", "6", "8", "10"]) == ("A", "phrase")
+    assert lenient_answer("答案是 12", "math") == ("12", "phrase")

@@ -158,3 +158,56 @@ def test_agreement_with_mathvista_published_judgments():
     for d in result["disagreements"]:
         if d["theirs"]:  # their verdict came from the similarity fallback, not the extraction
             assert d["extraction"] not in d["choices"] and d["prediction"] == d["solution"]
+    reasons = {d["pid"]: d["authors_error"] for d in result["disagreements"]}
+    assert reasons == {"198": "no_option_credited", "584": "no_option_credited", "878": "no_option_credited",
+                       "5": "no_option_credited", "228": "no_option_credited",
+                       "849": "option_text_read_as_letter"}
+    assert result["agreement_without_authors_errors"] == 1.0
+
+
+def test_authors_error_needs_evidence_from_their_own_file():
+    """A verdict is called wrong only on mechanical evidence; a plain disagreement is not."""
+    sys.path.insert(0, str(ROOT / "eval"))
+    try:
+        from compare_judgments import authors_error
+    finally:
+        sys.path.pop(0)
+    yn = ["Yes", "No"]
+    row = {"judged": True, "response": "", "choices": yn, "query_options": yn,
+           "extraction": "No", "prediction": "No"}
+    item = {"answer": None, "extracted_by": "none"}
+    assert authors_error(row, item) == "empty_response"
+    assert authors_error({**row, "response": None}, item) is None  # no responses in the file: no claim
+    said = {**row, "response": "The function is not differentiable."}
+    assert authors_error(said, item) is None  # their reading is an inference, not an error
+    assert authors_error({**said, "extraction": "N/A"}, item) == "no_option_credited"
+    assert authors_error({**said, "query_options": ["No", "Yes"]}, item) == "prompt_options_differ"
+    assert authors_error({**row, "response": "(C) Yes\n(D) No", "extraction": "B"}, item) == "invented_options"
+    phrase = {**row, "judged": False, "response": "The answer is (A) Yes.", "extraction": "B", "prediction": "No"}
+    assert authors_error(phrase, {"answer": "(A)", "extracted_by": "phrase"}) == "extraction_contradicts_response"
+    assert authors_error({**phrase, "extraction": "A"}, {"answer": "(A)", "extracted_by": "phrase"}) is None
+
+
+def test_lenient_score_reads_the_rows_question_and_choices():
+    from gpg_vlm.score import score_records
+    rows = [{"completion": "There are 3 bars with values below 40.", "solution": "3",
+             "question": "How many bars have values below 40?"},
+            {"completion": "There are 3 bars with values below 40.", "solution": "3"}]  # control: no question
+    assert [i["reward"] for i in score_records(rows, "math", "lenient")] == [1.0, 0.0]
+    choice = [{"completion": "No, it is not.", "solution": "No", "choices": ["Yes", "No"]}]
+    assert score_records(choice, "choice", "lenient")[0]["extracted_by"] == "lead"
+    assert score_records(choice, "choice", "strict")[0]["reward"] == 0.0
+
+
+def test_authors_error_when_their_extraction_misses_the_stated_answer():
+    sys.path.insert(0, str(ROOT / "eval"))
+    try:
+        from compare_judgments import authors_error
+    finally:
+        sys.path.pop(0)
+    angles = ["30°", "35°", "40°", "45°"]
+    row = {"judged": False, "response": "The answer is C.\n\nQuestion: how far? ... 455 miles.",
+           "choices": angles, "query_options": angles, "extraction": "455", "prediction": "45°"}
+    assert authors_error(row, {"answer": "C", "extracted_by": "phrase"}) == "extraction_misses_stated_answer"
+    # read from the last line only, the answer is not a stated one: no claim
+    assert authors_error(row, {"answer": "C", "extracted_by": "last_line"}) is None

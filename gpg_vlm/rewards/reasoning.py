@@ -110,6 +110,11 @@ def _choice_index(text: str, choices: list[str], as_solution: bool) -> int | Non
     return _value_index(text, choices)
 
 
+def choice_index(answer: str, choices: list[str]) -> int | None:
+    """The index of the choice an answer selects (module docstring, multiple choice), else None."""
+    return _choice_index(answer, [str(c) for c in choices], as_solution=False)
+
+
 def _math_verify():
     global _mv
     if _mv is None:
