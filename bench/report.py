@@ -17,6 +17,11 @@ from pathlib import Path
 
 README_START = "<!-- bench-results:start -->"
 README_END = "<!-- bench-results:end -->"
+# The largest |rollout - training forward| log-prob the bench accepts. Forced lengths widen the
+# gap for vLLM: with min_tokens it reports the log-probs of the EOS-masked distribution, off by
+# -log(1 - p_eos) (0.004-0.006 measured on the bench's random models), where the loop reports the
+# unmasked ones (~1e-6). Other weights or other prompts move log-probs by far more (~1).
+MAX_LOGPROB_DIFF = 0.05
 
 
 def steal_seconds() -> float:
@@ -59,26 +64,36 @@ def summarize(w: Workload, results: dict[str, list[dict]]) -> tuple[dict, list[s
     B, T = w.completions, w.completion_tokens
     for name, runs in results.items():
         steps = [s for r in runs for s in r["steps"][w.warmup_steps:]]
-        for s in (s for r in runs for s in r["steps"]):
+        all_steps = [s for r in runs for s in r["steps"]]
+        for s in all_steps:
             if s["completion_tokens"] != B * T or s["completion_min"] != T or s["completion_max"] != T:
                 problems.append(f"{name}: a step produced {s['completion_tokens']} completion tokens "
                                 f"(min {s['completion_min']}, max {s['completion_max']}), "
                                 f"expected {B} x {T}")
             if not s["updated"]:
                 problems.append(f"{name}: a step made no optimizer update")
-        all_steps = [s for r in runs for s in r["steps"]]
+            if (s.get("logprob_diff") or 0.0) > MAX_LOGPROB_DIFF:  # samples of stale weights
+                problems.append(f"{name}: rollout and training log-probs differ by "
+                                f"{s['logprob_diff']:.2g} (> {MAX_LOGPROB_DIFF})")
         prompt_sets[name] = (sorted({t for s in all_steps for t in s["prompt_tokens"]}),
                              sorted({c for s in all_steps for c in s["prompt_checksums"]}))
         step = median([s["wall"] for s in steps])
         variants[name] = {
             "step_seconds": step,
             "rollout_seconds": median([s["rollout"] for s in steps]),
+            # loading the trainer's weights into a vLLM engine (0 for the loop, which samples
+            # from the policy itself); inside "rollout" in the trainers' own logs
+            "sync_seconds": median([s.get("sync", 0.0) for s in steps]),
             "train_seconds": median([s["train"] for s in steps]),
             "cpu_seconds": median([s["cpu"] for s in steps]),
             "steal_seconds": median([s["steal"] for s in steps]),
             "completion_tokens_per_second": B * T / step,
             "peak_memory_mb": max(r["peak_rss_mb"] for r in runs),
             "setup_memory_mb": max(r["setup_rss_mb"] for r in runs),
+            # building the trainer: model load, and a vLLM engine's start-up (not in any step)
+            "setup_seconds": median([r.get("setup_seconds", float("nan")) for r in runs]),
+            "max_logprob_diff": max((s["logprob_diff"] for s in all_steps
+                                     if s.get("logprob_diff") is not None), default=None),
             "round_step_seconds": [median([s["wall"] for s in r["steps"][w.warmup_steps:]])
                                    for r in runs],
             "step_seconds_all": [s["wall"] for s in steps],
@@ -110,7 +125,19 @@ def ratios(variants: dict) -> dict:
         "grpo_vs_trl_beta004": ratio("grpo", "trl_beta004"),
         "gpg_cpu_vs_trl_beta0": ratio("gpg", "trl_beta0", "cpu_seconds"),
         "gpg_cpu_vs_trl_beta004": ratio("gpg", "trl_beta004", "cpu_seconds"),
+        # vLLM against our loop: the rollout alone (weight sync apart), then sync included
+        "gpg_vllm_rollout_vs_gpg": ratio("gpg_vllm", "gpg", "rollout_seconds"),
+        "gpg_vllm_rollout_and_sync_vs_gpg": _sum_ratio(variants, "gpg_vllm", "gpg",
+                                                       ("rollout_seconds", "sync_seconds")),
+        "gpg_vllm_vs_gpg": ratio("gpg_vllm", "gpg"),
+        "gpg_vllm_vs_trl_vllm": ratio("gpg_vllm", "trl_vllm"),
     }
+
+
+def _sum_ratio(variants: dict, a: str, b: str, keys) -> float | None:
+    if a in variants and b in variants:
+        return sum(variants[a][k] for k in keys) / sum(variants[b][k] for k in keys)
+    return None
 
 
 def machine() -> dict:
@@ -149,16 +176,21 @@ def markdown(report: dict) -> str:
         f"{w['completion_tokens']} tokens, {w['micro_batch_completions']} completions per training "
         f"forward; medians over {w['rounds']} rounds x {w['steps']} steps per variant.",
         "",
-        "| variant | step s | rollout s | train s | CPU s/step | steal s/step | completion tok/s | peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | step s | rollout s | weight sync s | train s | CPU s/step | steal s/step "
+        "| completion tok/s | peak MB | set-up s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, v in report["variants"].items():
         lines.append(f"| {name} | {v['step_seconds']:.2f} | {v['rollout_seconds']:.2f} | "
-                     f"{v['train_seconds']:.2f} | {v['cpu_seconds']:.2f} | {v['steal_seconds']:.2f} | "
-                     f"{v['completion_tokens_per_second']:.0f} | {v['peak_memory_mb']:.0f} |")
+                     f"{v.get('sync_seconds', 0.0):.2f} | {v['train_seconds']:.2f} | "
+                     f"{v['cpu_seconds']:.2f} | {v['steal_seconds']:.2f} | "
+                     f"{v['completion_tokens_per_second']:.0f} | {v['peak_memory_mb']:.0f} | "
+                     f"{v.get('setup_seconds', float('nan')):.1f} |")
+    for name, reason in report.get("not_run", {}).items():
+        lines.append(f"| {name} | not run: {reason} |" + " |" * 8)
     lines.append("")
     r = report["ratios"]
-    lines.append("Ratios (ours / TRL): " + ", ".join(
+    lines.append("Ratios (step time unless named): " + ", ".join(
         f"{k} = {v:.3f}" for k, v in r.items() if v is not None) + ".")
     if report["problems"]:
         lines += ["", "**Equal-work checks failed:** " + "; ".join(report["problems"])]

@@ -20,7 +20,12 @@ each came from}, "n-samples": {TASK: {"original", "effective"}}, "versions", "mo
   over rows (what the GPG paper's "Total" column is: its rows reproduce from the per-task numbers
   weighted by task sizes). The standard error of the total combines the sources' independent
   standard errors: total = ADE/4 + COCO/4 + Omni3D/2.
-- with K completions per row, `pass@K` (any completion correct) with its standard error.
+- with n > 1 completions per row, `pass@k` for k = 1, 2, 4, ... below n and k = n, each with its
+  standard error over rows. A completion is correct when its reward is 1 (a full score). pass@k
+  is the unbiased estimator of Chen et al. 2021 (arXiv 2107.03374): with c of a row's n completions
+  correct, the chance that k of them drawn without replacement hold a correct one,
+  1 - C(n - c, k) / C(n, k), averaged over rows. pass@n is "any completion correct"; pass@1 is
+  the mean share of correct completions. The per-completion rewards are in the samples file.
 
 Deliberately left out: lmms-eval's own task registry and YAML configs (our tasks are the
 benchmark loaders of gpg_vlm.data) and any model-based judging.
@@ -49,12 +54,28 @@ def mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that k of n completions, c of them correct, drawn without replacement hold a
+    correct one: 1 - C(n - c, k) / C(n, k) (exact integers, so large n loses nothing)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pass_ks(n: int) -> list[int]:
+    """The k reported for n completions per row: powers of two below n, then n itself."""
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i < n]
+    return ks + [n]
+
+
 def _entry(alias: str, items: list[dict], completions: int) -> dict:
     acc, se = mean_stderr([it["reward"] for it in items])
     entry = {"alias": alias, "accuracy,none": acc, "accuracy_stderr,none": se, "n": len(items)}
     if completions > 1:
-        p, pse = mean_stderr([float(max(it["rewards"]) >= 1.0) for it in items])
-        entry[f"pass@{completions},none"], entry[f"pass@{completions}_stderr,none"] = p, pse
+        correct = [sum(r >= 1.0 for r in it["rewards"]) for it in items]
+        for k in pass_ks(completions):
+            p, pse = mean_stderr([pass_at_k(completions, c, k) for c in correct])
+            entry[f"pass@{k},none"], entry[f"pass@{k}_stderr,none"] = p, pse
     return entry
 
 

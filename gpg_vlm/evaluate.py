@@ -11,6 +11,15 @@ gpg_vlm_training.json in an exported folder) lends its prompt template, completi
 pixel limits unless the command line sets them; results.json says which value came from where.
 A LoRA checkpoint (a PEFT adapter folder) is evaluated on its base model with the adapter merged.
 
+Engines: `--rollout hf` (default) generates with our loop over the loaded model; `--rollout vllm`
+with a vLLM engine in this process (gpg_vlm.rollout.vllm), built from the checkpoint's folder (a
+LoRA's base) and loaded with the adapter's weights (so a merged LoRA is what it serves). Both get
+the same prompts: the adapter's token ids (its chat template) and its resized images, which the
+vLLM engine checks token by token against its own expansion. Batches, seeds, files and resuming
+are the same for both; results.json records the engine in its config, and `--resume` refuses
+another engine. Greedy completions agree between the engines up to fp32 rounding (a near-tie in
+the logits can pick another token); sampled ones come from different random streams.
+
 Resuming: OUT/run.json holds the settings, and each batch's rows are appended to the samples
 file as soon as they are scored. Ctrl-C or SIGTERM stops between writes and prints the command
 that continues; `--resume` checks the settings match, skips the finished rows and ends with the
@@ -37,9 +46,11 @@ import torch
 from gpg_vlm.data import DataError, load_benchmark, load_rows
 from gpg_vlm.data.loading import check_images
 from gpg_vlm.eval_results import markdown, results_file, sample_line, write_json
-from gpg_vlm.export import ExportError, load_adapter, training_settings
+from gpg_vlm.export import ExportError, load_adapter, lora_base, training_settings
 from gpg_vlm.models.adapter import AdapterError
-from gpg_vlm.tasks import DEFAULT_TOKEN_BUDGET, EXTRACT_MODES, aggregate, fitting_rows, scored_batches
+from gpg_vlm.rollout import ENGINES, RolloutError, RolloutSetupError, make_engine
+from gpg_vlm.tasks import (DEFAULT_TOKEN_BUDGET, EXTRACT_MODES, fitting_rows, prompt_tokens,
+                           scored_batches)
 
 
 # ----------------------------------------------------------------------------- gpg-vlm eval
@@ -132,6 +143,9 @@ def _parser():
                    help="answer extraction: strict (default) is the training reward's; lenient also reads "
                         "boxed answers, final-answer phrases and the last line, for models that ignore "
                         "the answer format (eval/README.md)")
+    p.add_argument("--rollout", choices=ENGINES, default="hf",
+                   help="what generates: hf (default), our loop over the loaded model; vllm, a vLLM engine "
+                        "in this process (pip install 'gpg_vlm[vllm]'; same prompts, files and resuming)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype; auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler (K > 1)")
@@ -159,6 +173,13 @@ def _check_args(args) -> float:
     if args.completions > 1 and temperature <= 0:
         raise EvalError(f"--completions {args.completions} needs --temperature > 0 (greedy completions "
                         "would all be the same)")
+    if args.rollout == "vllm":  # before any work: the one thing missing is named, nothing else
+        from gpg_vlm.rollout.vllm import INSTALL_HINT, require_vllm  # imports vllm only when asked
+
+        try:
+            require_vllm()
+        except RolloutSetupError:
+            raise EvalError(f"--rollout vllm needs vLLM, which is not installed: {INSTALL_HINT}") from None
     model = Path(args.model)
     if not model.is_dir():
         raise EvalError(f"model directory {args.model} does not exist")
@@ -281,7 +302,12 @@ def _settings(args, temperature: float, values: dict, sources: dict) -> dict:
     return {"model": str(args.model), "benchmark": args.benchmark, "data": str(args.data),
             "image_root": args.image_root, "limit": args.limit, "completions": args.completions,
             "temperature": temperature, "seed": args.seed, "token_budget": args.token_budget,
-            "extract": args.extract, "dtype": args.dtype, **values, "settings_from": sources}
+            "extract": args.extract, "dtype": args.dtype, "rollout": args.rollout, **values,
+            "settings_from": sources}
+
+
+# what a run.json written before a setting existed implies for it
+SETTING_BEFORE = {"rollout": "hf"}
 
 
 def _load(args, values: dict):
@@ -304,10 +330,11 @@ def run(args, argv: list[str]) -> int:
     values, sources = resolve_settings(args)
     settings = _settings(args, temperature, values, sources)
     if previous is not None:
-        changed = [k for k in settings if k != "settings_from" and previous.get(k) != settings[k]]
+        was = {k: previous.get(k, SETTING_BEFORE.get(k)) for k in settings}
+        changed = [k for k in settings if k != "settings_from" and was[k] != settings[k]]
         if changed:
             k = changed[0]
-            raise EvalError(f"--resume: {k} is {settings[k]!r} now but {previous.get(k)!r} in "
+            raise EvalError(f"--resume: {k} is {settings[k]!r} now but {was[k]!r} in "
                             f"{out / RUN_FILE}; rerun with the same settings")
     rows, total = load_eval_rows(args.benchmark, args.data, args.image_root, args.limit)
     samples = out / f"samples_{args.benchmark}.jsonl"
@@ -324,11 +351,16 @@ def run(args, argv: list[str]) -> int:
                 note = "before any row was written (nothing to resume)"
             print(f"gpg-vlm eval: stopped by {stop} {note}", file=sys.stderr)
             return 130 if str(stop) == "SIGINT" else 143
+        except RolloutError as exc:  # the engine failed; the finished rows are kept
+            if not (out / RUN_FILE).is_file():
+                raise EvalError(str(exc)) from None
+            raise EvalError(f"{exc} (after {len(done)} of {len(rows)} rows, kept in {samples}; "
+                            f"continue with: {resume_command(argv, out)})") from None
     items = [done[i] for i in range(len(rows))]
     payload = results_file(args.benchmark, rows, items, settings, total)
     write_json(out / "results.json", payload)
     (out / "results.md").write_text(markdown(args.benchmark, payload), encoding="utf-8")
-    _print_summary(args.benchmark, payload, aggregate(items, args.completions), out)
+    _print_summary(args.benchmark, payload, out)
     return 0
 
 
@@ -343,14 +375,38 @@ def _generate(args, values: dict, temperature: float, rows, done: dict, out: Pat
                      values["max_new_tokens"])
     except DataError as exc:
         raise EvalError(str(exc)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / RUN_FILE, settings)
-    print("settings: " + ", ".join(f"{k} from {v}" for k, v in settings["settings_from"].items()),
-          file=sys.stderr)
-    batches = scored_batches(
-        adapter, rows, values["prompt_template"], max_new_tokens=values["max_new_tokens"],
-        temperature=temperature, completions=args.completions, seed=args.seed,
-        token_budget=args.token_budget, skip=set(done), extract=args.extract, progress=True)
+    engine = make_rollout(args.rollout, adapter, args.model, rows, values, args.seed)
+    with closing(engine):
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / RUN_FILE, settings)
+        print("settings: " + ", ".join(f"{k} from {v}" for k, v in settings["settings_from"].items()),
+              file=sys.stderr)
+        batches = scored_batches(
+            adapter, rows, values["prompt_template"], max_new_tokens=values["max_new_tokens"],
+            temperature=temperature, completions=args.completions, seed=args.seed,
+            token_budget=args.token_budget, skip=set(done), extract=args.extract, progress=True,
+            engine=engine)
+        _journal(args, rows, batches, done, out, holding)
+
+
+def make_rollout(name: str, adapter, model: str, rows, values: dict, seed: int):
+    """The engine `name` for the loaded `adapter`. A vLLM engine is built from the checkpoint's
+    folder (a LoRA's base: the merged weights are loaded into it at start) and sized to these
+    rows: the longest prompt plus the completion limit, the most images in one row."""
+    if name == "hf":
+        return make_engine("hf", adapter)
+    longest = max(prompt_tokens(adapter, row, values["prompt_template"]) for row in rows)
+    try:
+        model_dir = lora_base(model) or Path(model)
+        return make_engine(name, adapter, model_dir=model_dir, seed=seed,
+                           max_model_len=longest + values["max_new_tokens"],
+                           max_images_per_prompt=max(1, max(len(row.images) for row in rows)))
+    except (RolloutSetupError, ExportError) as exc:
+        raise EvalError(str(exc)) from None
+
+
+def _journal(args, rows, batches, done: dict, out: Path, holding) -> None:
+    """Append each batch's lines to the samples file (and to `done`) as the batch finishes."""
     # closing: the progress bar ends before a stop message is printed
     with open(out / f"samples_{args.benchmark}.jsonl", "a", encoding="utf-8") as journal, closing(batches):
         for batch in batches:
@@ -362,16 +418,17 @@ def _generate(args, values: dict, temperature: float, rows, done: dict, out: Pat
             done.update((x["doc_id"], x) for x in lines)
 
 
-def _print_summary(task: str, payload: dict, result: dict, out: Path) -> None:
-    head = payload["results"][task]
-    line = f"{task}: accuracy {100 * result['accuracy']:.2f}% on {result['n']} rows"
-    for key in (k for k in result if k.startswith("pass@")):
-        line += f", {key} {100 * result[key]:.2f}%"
+def _print_summary(task: str, payload: dict, out: Path) -> None:
+    results = payload["results"]
+    head = results[task]
+    line = f"{task}: accuracy {100 * head['accuracy,none']:.2f}% on {head['n']} rows"
+    for key in (k for k in head if k.startswith("pass@") and "_stderr" not in k):
+        line += f", {key.removesuffix(',none')} {100 * head[key]:.2f}%"
     if "official_total,none" in head:
         line += f", CV-Bench official total {100 * head['official_total,none']:.2f}%"
     print(line)
-    for key in (k for k in result if k.startswith("accuracy/")):
-        print(f"  {key[len('accuracy/'):]}: {100 * result[key]:.2f}%")
+    for name in (n for n in payload["group_subtasks"][task] if n.startswith(f"{task}/category=")):
+        print(f"  {name.removeprefix(f'{task}/category=')}: {100 * results[name]['accuracy,none']:.2f}%")
     print(f"results in {out / 'results.json'}, {out / f'samples_{task}.jsonl'} and {out / 'results.md'}")
 
 

@@ -144,17 +144,19 @@ def extracted(texts: list[str], rows: list, mode: str = "strict") -> tuple[list,
 
 def scored_batches(adapter, rows, prompt_template: str, *, max_new_tokens: int, temperature: float = 0.0,
                    completions: int = 1, seed: int = 0, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                   skip=frozenset(), extract: str = "strict", progress: bool = False):
+                   skip=frozenset(), extract: str = "strict", progress: bool = False, engine=None):
     """Yield, per generate call, a list of (row index, item) for the rows not in `skip`.
 
     An item is {"category", "reward" (mean over the K completions), "rewards", "completions",
     "extracted", "extracted_by", "truncated", "prompt"}; `extract` is "strict" (the training
     reward's reading) or "lenient" (gpg_vlm.rewards.extract, for models that ignore the format). Batch k samples with a generator seeded (seed, k).
+    `engine` is the rollout engine that generates (default: the HF loop over `adapter`'s model);
+    the caller that passes one also closes it.
     """
     lengths = [prompt_tokens(adapter, row, prompt_template) for row in rows]
     plan = plan_batches(lengths, token_budget, completions, max_new_tokens)
     todo = [(k, batch) for k, batch in enumerate(plan) if not set(batch) <= set(skip)]
-    engine = make_engine("hf", adapter)
+    engine = engine or make_engine("hf", adapter)
     with torch.no_grad(), tqdm(total=sum(len(b) for _, b in todo), disable=not progress,
                                desc="eval") as bar:
         for k, batch_rows in todo:

@@ -28,6 +28,9 @@ The six families and what their tiny versions keep of the real ones (transformer
   linear-attention heads get decay rates from long to short memory instead of transformers'
   random draw (`_spread_linear_attention_memory`).
 
+Sizes xs, s and m grow in width and depth; s32 is s with two heads of 32 (head_dim 32 is the
+smallest vLLM's CPU attention serves), the cheapest checkpoint for the vLLM tests.
+
 Deliberately left out: pretrained weights of any kind (nothing is downloaded) and video
 processing (the trainer is image-only).
 """
@@ -55,7 +58,7 @@ MODEL_CLASSES = {
     "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
-SIZES = ("xs", "s", "m")
+SIZES = ("xs", "s", "s32", "m")
 
 # The special tokens of the Qwen-VL tokenizers, in their order (appended after the BPE vocab).
 SPECIAL_TOKENS = (
@@ -123,6 +126,10 @@ SIZE_SPECS = {
                    vision_width=32, vision_depth=1, vision_heads=2),
     "s": SizeSpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
                   vision_width=64, vision_depth=2, vision_heads=4),
+    # size s's widths with 2 heads of 32: the smallest size vLLM's CPU attention serves (it
+    # refuses head_dim 16), for the vLLM tests
+    "s32": SizeSpec(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128,
+                    vision_width=64, vision_depth=2, vision_heads=2),
     "m": SizeSpec(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
                   vision_width=128, vision_depth=4, vision_heads=4),
 }

@@ -92,17 +92,26 @@ def test_summarize_flags_unequal_completion_lengths_and_prompts():
 
     _, ok = bench.summarize(w, {"a": [run_result(6, 10, 7)], "b": [run_result(6, 10, 7)]})
     assert ok == []
+    stale = run_result(6, 10, 7)
+    stale["steps"][0]["logprob_diff"] = 0.9  # a rollout from other weights than those trained
+    _, bad = bench.summarize(w, {"a": [run_result(6, 10, 7)], "b": [stale]})
+    assert bad == ["b: rollout and training log-probs differ by 0.9 (> 0.05)"]
     _, bad = bench.summarize(w, {"a": [run_result(6, 10, 7)], "b": [run_result(4, 11, 7)]})
     assert any("b: a step produced 4 completion tokens" in p for p in bad)
     assert any("prompts differ" in p for p in bad)
 
 
-def test_bench_smoke_run_of_every_variant(tmp_path):
+def test_bench_smoke_run_of_every_variant(tmp_path, monkeypatch):
     w = bench.Workload(size="xs", prompts=2, group_size=2, completion_tokens=4,
                        micro_batch_completions=2, warmup_steps=0, steps=1, rounds=1, threads=1)
-    variants = bench.VARIANTS if HAS_TRL else ("gpg", "grpo")
+    variants = bench.VARIANTS if HAS_TRL else ("gpg", "grpo", *bench.VLLM_VARIANTS)
+    # an environment without vLLM (the default one): its variants are listed as not run, with why
+    monkeypatch.setattr(bench, "_importable", lambda name: name != "vllm")
     report = bench.run(w, variants, cache=tmp_path, log=lambda s: None)
     assert report["problems"] == []
+    assert set(report["not_run"]) == set(bench.VLLM_VARIANTS)
+    assert all("vLLM is not installed" in why for why in report["not_run"].values())
+    variants = tuple(v for v in variants if v not in bench.VLLM_VARIANTS)
     assert list(report["variants"]) == list(variants)
     for name, v in report["variants"].items():
         assert v["step_seconds"] > 0 and v["peak_memory_mb"] > 0, name
@@ -114,6 +123,7 @@ def test_bench_smoke_run_of_every_variant(tmp_path):
     report.update(kind="test", command="pytest")
     table = bench.markdown(report)
     assert all(f"| {name} |" in table for name in variants)
+    assert "| gpg_vllm | not run: vLLM is not installed" in table
     json.dumps(report)  # the output file is plain JSON
 
 

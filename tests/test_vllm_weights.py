@@ -42,3 +42,13 @@ def test_lora_policy_arrives_merged(tiny_dirs):
         # control: the base weight alone (the delta left out) gives another output
         assert (torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias)
                 - layer(x)).abs().max() > 1e-2
+
+
+def test_the_gpu_vllm_config_loads_with_its_engine_settings():
+    from pathlib import Path
+
+    from gpg_vlm.config import TrainConfig
+
+    cfg = TrainConfig.from_yaml(str(Path(__file__).parent.parent / "configs/gpu/qwen25vl3b_geoqa_vllm.yaml"))
+    assert (cfg.rollout, cfg.dtype, cfg.vllm_sleep) == ("vllm", "bfloat16", True)
+    assert (cfg.vllm_gpu_memory_utilization, cfg.vllm_tensor_parallel_size, cfg.vllm_max_model_len) == (0.3, 1, 2048)

@@ -35,6 +35,11 @@ Side effects of an engine in this process, on CPU: vLLM's CPU worker replaces
 engine's distributed state (a one-process gloo group, unless the trainer already has one) is
 torn down by `close`.
 
+Families refused at start (check_servable, one line): qwen3_vl_moe everywhere (its fused expert
+weights are laid out transposed between transformers 5 and vLLM, see UNSERVED), and the hybrid
+qwen3_5 / qwen3_5_moe on CPU unless bfloat16 (vLLM's CPU Gated DeltaNet kernel); the three dense
+families are served and tested (tests/test_vllm_rollout.py).
+
 Deliberately left out: a separate vLLM server process, stop strings, beam search, and
 per-request LoRA in vLLM (LoRA is merged into the weights that are synced).
 """
@@ -54,6 +59,17 @@ INSTALL_HINT = ("pip install 'gpg_vlm[vllm]' (GPU), or build the CPU environment
                 "`make test-vllm` (tools/vllm_venv.sh)")
 
 
+# Families vLLM 0.32 runs but this engine cannot feed correctly, with the reason (found by trying)
+UNSERVED = {
+    "qwen3_vl_moe": "transformers 5 holds its fused expert weights as (E, 2I, H) and (E, H, I) and "
+                    "saves them so, while vLLM reads them transposed as the released checkpoints "
+                    "store them, so neither a checkpoint saved by transformers nor the weight sync "
+                    "would load right",
+}
+# Hybrid families whose Gated DeltaNet layers vLLM's CPU build runs only in bfloat16
+GDN_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+
+
 def require_vllm() -> None:
     """Raise RolloutSetupError naming what to install when vLLM cannot be imported."""
     try:
@@ -67,6 +83,13 @@ def check_servable(adapter, *, sleep: bool = False, tensor_parallel_size: int = 
     """Raise RolloutSetupError when vLLM is missing or cannot serve this model with these settings."""
     require_vllm()
     cuda = torch.cuda.is_available()
+    family = getattr(adapter.model.config, "model_type", "")
+    if family in UNSERVED:
+        raise RolloutSetupError(f"rollout: vllm cannot serve {family}: {UNSERVED[family]}; use rollout: hf")
+    if family in GDN_FAMILIES and not cuda and adapter.model.dtype != torch.bfloat16:
+        raise RolloutSetupError(
+            f"rollout: vllm cannot serve {family} in {str(adapter.model.dtype).removeprefix('torch.')} "
+            "on CPU: vLLM's CPU Gated DeltaNet kernel requires bfloat16 (dtype: bfloat16, or rollout: hf)")
     if sleep and not cuda:
         raise RolloutSetupError("vllm_sleep: vLLM's sleep mode needs a GPU; set vllm_sleep: false on CPU")
     if tensor_parallel_size > 1 and not cuda:
@@ -79,7 +102,7 @@ def check_servable(adapter, *, sleep: bool = False, tensor_parallel_size: int = 
         if supported and head_dim not in supported:
             raise RolloutSetupError(
                 f"rollout: vllm cannot serve this model on CPU: head_dim {head_dim} is not one of "
-                f"vLLM's CPU attention sizes {supported} (tiny sizes xs and s have 16; size m has "
+                f"vLLM's CPU attention sizes {supported} (tiny sizes xs and s have 16; s32 and m have "
                 "32); use such a model or rollout: hf")
 
 
