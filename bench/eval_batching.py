@@ -34,6 +34,20 @@ def in_file_order(n: int):
     return plan
 
 
+def tiny_workload(prefix: str, size: str, n_rows: int, init_std: float = 0.02):
+    """(model folder, rows, adapter in eval mode): a tiny random Qwen2-VL and n_rows Fashion-MNIST
+    test rows, half classification and half counting, in a fresh temporary folder."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    model = make_tiny_model("qwen2_vl", size, root / "model", seed=0, init_std=init_std)
+    prepare(["fashion-mnist", "--out", str(root / "data"), "--train-size", "1",
+             "--test-size", str(n_rows // 2), "--tasks", "classification", "counting"])
+    rows = list(load_rows(root / "data" / "classification_test.jsonl"))
+    rows += list(load_rows(root / "data" / "counting_test.jsonl"))
+    adapter = VLMAdapter.from_pretrained(model, device="cpu")
+    adapter.model.eval()
+    return model, rows, adapter
+
+
 def timed(adapter, rows, args, plan=None, budget=tasks.DEFAULT_TOKEN_BUDGET):
     original = tasks.plan_batches
     if plan is not None:
@@ -55,15 +69,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(2)
-    root = Path(tempfile.mkdtemp(prefix="eval_batching."))
-    model = make_tiny_model("qwen2_vl", args.size, root / "model", seed=0)
-    half = args.rows // 2
-    prepare(["fashion-mnist", "--out", str(root / "data"), "--train-size", "1", "--test-size", str(half),
-             "--tasks", "classification", "counting"])
-    rows = list(load_rows(root / "data" / "classification_test.jsonl"))
-    rows += list(load_rows(root / "data" / "counting_test.jsonl"))
-    adapter = VLMAdapter.from_pretrained(model, device="cpu")
-    adapter.model.eval()
+    _, rows, adapter = tiny_workload("eval_batching.", args.size, args.rows)
     lengths = [tasks.prompt_tokens(adapter, r, TEMPLATE) for r in rows]
     print(f"{len(rows)} rows, prompt tokens {min(lengths)}..{max(lengths)}, "
           f"max_new_tokens {args.max_new_tokens}, tiny {args.size} model, {torch.get_num_threads()} threads")

@@ -23,19 +23,14 @@ import argparse
 import os
 import platform
 import statistics
-import tempfile
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-from gpg_vlm.data import load_rows
-from gpg_vlm.data.prepare import main as prepare
-from gpg_vlm.models.adapter import VLMAdapter
+from bench.eval_batching import tiny_workload
 from gpg_vlm.rollout import make_engine
 from gpg_vlm.tasks import DEFAULT_TOKEN_BUDGET, prompt_tokens, scored_batches
-from gpg_vlm.tiny import make_tiny_model
 
 TEMPLATE = "{problem} Output the final answer in <answer> </answer> tags."
 
@@ -66,16 +61,7 @@ def timed(adapter, engine, rows, args, completions: int, temperature: float):
 
 
 def load(args):
-    root = Path(tempfile.mkdtemp(prefix="eval_rollout."))
-    model = make_tiny_model("qwen2_vl", "m", root / "model", seed=0, init_std=0.1)
-    half = args.rows // 2
-    prepare(["fashion-mnist", "--out", str(root / "data"), "--train-size", "1", "--test-size", str(half),
-             "--tasks", "classification", "counting"])
-    rows = list(load_rows(root / "data" / "classification_test.jsonl"))
-    rows += list(load_rows(root / "data" / "counting_test.jsonl"))
-    adapter = VLMAdapter.from_pretrained(model, device="cpu")
-    adapter.model.eval()
-    return model, rows, adapter
+    return tiny_workload("eval_rollout.", "m", args.rows, init_std=0.1)
 
 
 def main(argv: list[str] | None = None) -> None:

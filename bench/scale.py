@@ -70,7 +70,7 @@ class ScaleRun:
     gradient_checkpointing: bool = True
     dtype: str = "bfloat16"
     threads: int = 0
-    """torch threads (0: every CPU)."""
+    """torch threads (0: torch's default, every CPU; `main` passes `auto_threads()`)."""
 
 
 def noise_reward(completions: list[str], **columns) -> list[float]:
@@ -106,6 +106,19 @@ def recipe_runs(configs: Path = ROOT / "configs", skipped: list | None = None) -
             recipe_prompts_per_step=int(cfg["prompts_per_step"]),
             recipe_max_new_tokens=int(cfg["max_new_tokens"]))
     return runs
+
+
+def auto_threads(cpus: int | None = None, load: float | None = None) -> int:
+    """Threads for one step: the CPUs the 1-minute load average leaves idle, at least 1.
+
+    A parallel region (every matrix product, every elementwise op) ends when its slowest
+    thread does, so on a machine whose other jobs already fill the CPUs a second thread
+    mostly waits to be scheduled. Measured at reduced depth on the shared 2-core machine
+    (load 10-12): one thread took a quarter of the wall time and half the CPU time of two.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    load = os.getloadavg()[0] if load is None else load
+    return max(1, min(cpus, int(cpus - load + 0.5)))
 
 
 def _rss_mb() -> float:
@@ -212,20 +225,28 @@ def _python_env() -> dict:
     return env
 
 
-def ensure_model(shape: str, cache: Path, log) -> Path:
-    """The checkpoint of `shape` in `cache`, built by a separate process when missing."""
+def ensure_model(shape: str, cache: Path, log, threads: int = 0) -> Path:
+    """The checkpoint of `shape` in `cache`, built by a separate process (with `threads` torch
+    threads; 0: torch's default) when missing."""
     path = cache / f"real-{shape}"
     if not (path / "real_shape.json").is_file():
         log(f"building {shape} in {path} (random bf16 weights) ...")
         t0 = time.perf_counter()
+        env = _python_env()
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         subprocess.run([sys.executable, "-m", "gpg_vlm.cli", "make-real-model", "--shape", shape,
-                        "--out", str(path)], check=True, env=_python_env(), cwd=ROOT)
+                        "--out", str(path)], check=True, env=env, cwd=ROOT)
         log(f"built {shape} in {time.perf_counter() - t0:.0f} s")
     return path
 
 
 def run_shape(run: ScaleRun, cache: Path, log) -> dict:
-    model = ensure_model(run.shape, cache, log)
+    """The step record of `run` (a fresh process), with `build_seconds` (0 when cached) and the
+    UTC time it was measured."""
+    t0 = time.perf_counter()
+    model = ensure_model(run.shape, cache, log, run.threads)
+    build_s = round(time.perf_counter() - t0, 1)
     with tempfile.TemporaryDirectory(prefix="gpg-scale-") as tmp:
         tmp = Path(tmp)
         spec = {"run": asdict(run), "model": str(model), "scratch": str(tmp),
@@ -234,7 +255,16 @@ def run_shape(run: ScaleRun, cache: Path, log) -> dict:
         log(f"one GPG step of {run.shape} ({run.recipe}) ...")
         subprocess.run([sys.executable, "-m", "bench.scale", "--worker", str(tmp / "spec.json")],
                        check=True, env=_python_env(), cwd=ROOT)
-        return json.loads((tmp / "result.json").read_text())
+        record = json.loads((tmp / "result.json").read_text())
+    return {**record, "build_seconds": build_s,
+            "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+def merge_models(previous: list[dict], new: list[dict]) -> list[dict]:
+    """`previous` records with those of the shapes in `new` replaced (new shapes appended)."""
+    fresh = {r["shape"]: r for r in new}
+    merged = [fresh.pop(r["shape"], r) for r in previous]
+    return merged + [r for r in new if r["shape"] in fresh]
 
 
 def machine() -> dict:
@@ -248,8 +278,8 @@ def machine() -> dict:
 def markdown(report: dict) -> str:
     lines = [
         "| model | recipe | parameters | vocab | G x completion tokens | prompt tokens | step s "
-        "(rollout / train) | peak RSS (GiB) | loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(rollout / train) | peak RSS (GiB) | loss | measured (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["models"]:
         s = r["settings"]
@@ -258,7 +288,7 @@ def markdown(report: dict) -> str:
             f"({r['trainable_parameters'] / 1e6:.1f}M LoRA) | {r['vocab_size']} | "
             f"{r['completions']} x {s['completion_tokens']} | {r['prompt_tokens']} | "
             f"{r['step_seconds']:.0f} ({r['rollout_seconds']:.0f} / {r['train_seconds']:.0f}) | "
-            f"{r['peak_rss_mb'] / 1024:.1f} | {r['loss']:.4g} |")
+            f"{r['peak_rss_mb'] / 1024:.1f} | {r['loss']:.4g} | {r.get('measured_utc', '?')} |")
     return "\n".join(lines)
 
 
@@ -270,7 +300,9 @@ def write_readme(path: Path, table: str) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpg-vlm bench scale", description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", default=None, help="shapes to run (default: all)")
-    parser.add_argument("--output", default=None, help="results JSON (default bench/scale.json)")
+    parser.add_argument("--output", default=None,
+                        help="results JSON (default bench/scale.json, where the records of shapes "
+                             "not run now are kept; any other file holds this run only)")
     parser.add_argument("--readme", default=None,
                         help="Markdown file whose scale block is replaced (default: bench/README.md "
                              "when --output is the default, else none)")
@@ -278,7 +310,9 @@ def main(argv: list[str]) -> int:
                         help="where checkpoints are built (default: $TMPDIR/gpg-vlm-scale)")
     parser.add_argument("--completion-tokens", type=int, default=ScaleRun.completion_tokens)
     parser.add_argument("--image-pixels", type=int, default=ScaleRun.image_pixels)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the build and the step (default: the CPUs the load "
+                             "average leaves idle, at least 1; 0: torch's default)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -297,12 +331,20 @@ def main(argv: list[str]) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     models = []
     for shape in only:
+        load = os.getloadavg()[0]
+        threads = auto_threads(load=load) if args.threads is None else args.threads
+        log(f"{shape}: {threads or 'default'} torch thread(s), load average {load:.1f} "
+            f"on {os.cpu_count()} CPUs")
         run = ScaleRun(**{**asdict(runs[shape]), "completion_tokens": args.completion_tokens,
-                          "image_pixels": args.image_pixels, "threads": args.threads})
-        models.append(run_shape(run, cache, log))
-    report = {"command": "gpg-vlm bench scale " + " ".join(argv), "machine": machine(),
-              "models": models, "skipped_recipes": skipped}
+                          "image_pixels": args.image_pixels, "threads": threads})
+        command = "gpg-vlm bench scale " + " ".join(argv)
+        models.append({**run_shape(run, cache, log), "command": command,
+                       "load_average_at_start": round(load, 2)})
     output = Path(args.output or RESULTS / "scale.json")
+    if args.output is None and output.is_file():  # the repository's record: keep other shapes
+        models = merge_models(json.loads(output.read_text())["models"], models)
+    report = {"command": "per record (`command`)", "machine": machine(),
+              "models": models, "skipped_recipes": skipped}
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
     table = markdown(report)

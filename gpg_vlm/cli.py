@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
-    if name == "bench" and rest[:1] == ["scale"]:
-        return _bench_scale(rest[1:])
+    if name == "bench" and rest[:1] in (["scale"], ["sweep"]):
+        return _bench_scale(rest[0], rest[1:])
     if name not in COMMANDS:
         print(f"gpg-vlm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
@@ -89,12 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main([*rest]) or 0)
 
 
-def _bench_scale(argv: list[str]) -> int:
-    """`gpg-vlm bench scale`: the real-shape bench, bench/scale.py in the source checkout."""
+def _bench_scale(name: str, argv: list[str]) -> int:
+    """`gpg-vlm bench scale` / `bench sweep`: the real-shape benches, bench/scale.py and
+    bench/sweep.py in the source checkout."""
     try:
-        module = checkout_module("bench.scale")
+        module = checkout_module(f"bench.{name}")
     except LookupError as exc:
-        print(f"gpg-vlm bench scale: {exc}", file=sys.stderr)
+        print(f"gpg-vlm bench {name}: {exc}", file=sys.stderr)
         return 2
     return int(module.main(argv) or 0)
 

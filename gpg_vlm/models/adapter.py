@@ -331,8 +331,20 @@ class VLMAdapter:
         self.facts.vision_module(self.model).requires_grad_(False)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute activations in the backward pass; the training forward then runs full rows."""
+        """Recompute activations in the backward pass; the training forward then runs full rows.
+
+        transformers also hooks every sub-model's input embedding so that its output requires
+        grad, the vision tower's patch embedding included: a frozen tower (LoRA, freeze_vision)
+        then records its whole forward for autograd and the backward recomputes and runs
+        through all its blocks for gradients nothing uses (at 2B shape: most of the step on
+        CPU). Our checkpointing is non-reentrant, which needs no input that requires grad, so
+        that one hook is removed: a trainable tower still gets its gradients via its weights.
+        """
+        embed = _input_embedding(self.facts.vision_module(self.model))
+        before = set(embed._forward_hooks) if embed is not None else set()
         self.facts.enable_checkpointing(self.model)
+        for key in set(embed._forward_hooks) - before if embed is not None else ():
+            del embed._forward_hooks[key]
         self.model.config.use_cache = True  # generation still uses the KV cache
 
     @property
@@ -345,6 +357,15 @@ class VLMAdapter:
     def set_scorer(self, scorer: torch.nn.Module) -> None:
         """Use `scorer` (this adapter's TokenScorer wrapped for data parallelism) for `logprobs`."""
         self.scorer = scorer
+
+
+def _input_embedding(module) -> torch.nn.Module | None:
+    """`module.get_input_embeddings()`, or None where it has none."""
+    try:
+        embed = module.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return embed if isinstance(embed, torch.nn.Module) else None
 
 
 def load(path, **kwargs) -> VLMAdapter:

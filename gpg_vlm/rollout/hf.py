@@ -100,14 +100,18 @@ class HFRollout:
         mm = batch.mm_token_type_ids.to(device)
         grid = batch.image_grid_thw.to(device) if batch.image_grid_thw is not None else None
         pos = adapter.positions(input_ids, attn, mm, grid)  # (3, N, L)
-        out = model(
+        out = model.model(
             input_ids=input_ids, attention_mask=attn, position_ids=pos,
             pixel_values=batch.pixel_values.to(device, model.dtype) if grid is not None else None,
-            image_grid_thw=grid, mm_token_type_ids=mm, use_cache=True, logits_to_keep=1)
+            image_grid_thw=grid, mm_token_type_ids=mm, use_cache=True)
         cache = output_cache(out)
         if repeat > 1:  # keys/values and linear-attention states, row i -> rows i*G .. i*G+G-1
             cache_ops.repeat(cache, repeat)
-        logits = out.logits[:, -1].repeat_interleave(repeat, 0)  # (B, V)
+        # the output layer on a contiguous (N, H) matrix: the model's own `logits_to_keep=1`
+        # slice is a strided 3-D view, which torch multiplies through a batched path that
+        # first copies the whole (H, V) output weight (seconds per call at V = 151,936 on CPU)
+        last = out.last_hidden_state[:, -1].contiguous()  # (N, H)
+        logits = model.lm_head(last).repeat_interleave(repeat, 0)  # (B, V)
         attn = attn.repeat_interleave(repeat, 0)  # (B, L)
         next_pos = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(repeat, 0)  # (B,)
         return cache, logits, attn, next_pos
