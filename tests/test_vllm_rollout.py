@@ -107,6 +107,39 @@ def test_prompt_that_differs_from_the_adapters_is_refused(policy):
         engine.generate(batch, 1, max_new_tokens=1, generator=gen(0))
 
 
+def test_outputs_are_placed_by_request_not_by_position(policy, monkeypatch):
+    """Prompts of equal token ids (the same text, other images) pass the prompt check whichever
+    output they get; the outputs must still land on their own prompts when the engine returns
+    them in another order (forced here by reversing vLLM's list)."""
+    adapter, engine = policy
+    samples = [Sample("What is this item?", [noise_image(56, 56, seed)]) for seed in (21, 22, 23)]
+    batch = adapter.encode(samples)
+    assert len({tuple(ids.tolist()) for ids in batch.input_ids}) == 1  # indistinguishable by tokens
+    generate = engine.llm.generate
+    monkeypatch.setattr(engine.llm, "generate", lambda *a, **k: generate(*a, **k)[::-1])
+    rollout = engine.generate(batch, 2, max_new_tokens=8, generator=gen(5))
+    mask = rollout.completion_mask
+    assert masked_max(adapter.completion_logprobs(batch, rollout), rollout.logprobs, mask) < TOL
+    # control: the first and last prompts' completions scored against each other's images
+    swapped = adapter.encode(samples[::-1])
+    assert masked_max(adapter.completion_logprobs(swapped, rollout)[[0, 1, 4, 5]],
+                      rollout.logprobs[[0, 1, 4, 5]], mask[[0, 1, 4, 5]]) > 100 * TOL
+
+
+def test_an_output_of_another_request_is_refused(policy, monkeypatch):
+    adapter, engine = policy
+    batch = adapter.encode(mixed_samples())
+    generate = engine.llm.generate
+
+    def duplicated(*a, **k):  # the first output twice, the last one lost
+        out = generate(*a, **k)
+        return [out[0], *out[:-1]]
+
+    monkeypatch.setattr(engine.llm, "generate", duplicated)
+    with pytest.raises(RolloutError, match="an output for request .* not one of this call's"):
+        engine.generate(batch, 1, max_new_tokens=2, generator=gen(0))
+
+
 def test_follows_weight_updates_through_the_prefix_cache(policy):
     adapter, engine = policy
     batch = adapter.encode(long_samples())

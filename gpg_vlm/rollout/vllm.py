@@ -12,6 +12,9 @@ What makes its samples the policy's own:
   one placeholder vLLM expands) and the adapter's already-fitted images, so vLLM's processor
   resizes nothing. vLLM's expanded prompt is compared with the adapter's, token by token, and a
   difference stops the run: it would mean another image grid and other log-probs.
+- Each output is placed by the request id the engine assigned to that prompt, not by its place
+  in vLLM's list: prompts of one batch often have equal token ids (the same text, other
+  images), so the check above cannot see an output handed to the wrong prompt.
 - Suppressed ids (vision tokens, ids the tokenizer cannot produce) are outside
   `allowed_token_ids`, so they are never sampled and carry no probability, as in the training
   forward's masked softmax.
@@ -188,6 +191,8 @@ class VLLMRollout:
             logprobs=0, allowed_token_ids=self.allowed,
             stop_token_ids=list(self.adapter.eos_token_ids), detokenize=False)
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator or self._seeds))
+        # vLLM numbers this call's requests from here, in the order of `prompts`
+        first_id = getattr(getattr(self.llm, "request_counter", None), "counter", None)
         self._wake()
         try:
             with _seeded_rng(seed):
@@ -196,7 +201,7 @@ class VLLMRollout:
             raise RolloutError(f"vLLM engine failed while sampling: {type(exc).__name__}: "
                                f"{_first_line(exc)}") from exc
         self._sleep()
-        return self._rollout(outputs, expected, group_size)
+        return self._rollout(_by_request(outputs, len(prompts), first_id), expected, group_size)
 
     def _prompts(self, batch: PromptBatch) -> tuple[list[dict], list[list[int]]]:
         """vLLM token prompts with their images, and the adapter's full prompt ids to check against."""
@@ -226,9 +231,9 @@ class VLLMRollout:
                     f"prompt {i}: vLLM's prompt ({len(out.prompt_token_ids)} tokens) differs from "
                     f"the adapter's ({len(expected[i])}): its image processor saw other image sizes")
             completions = sorted(out.outputs, key=lambda c: c.index)
-            if len(completions) != group_size:
-                raise RolloutError(f"prompt {i}: vLLM returned {len(completions)} completions, "
-                                   f"not {group_size}")
+            if [c.index for c in completions] != list(range(group_size)):
+                raise RolloutError(f"prompt {i}: vLLM returned completions "
+                                   f"{[c.index for c in completions]}, not 0..{group_size - 1}")
             for c in completions:
                 ids = list(c.token_ids)
                 rows.append(ids)
@@ -292,6 +297,25 @@ class VLLMRollout:
         destroy_model_parallel()
         if self._owns_dist:
             destroy_distributed_environment()
+
+
+def _by_request(outputs, n: int, first_id: int | None) -> list:
+    """`outputs` re-placed so that item i answers prompt i, by the id vLLM gave its request.
+
+    `first_id` is the engine's request counter before the call (requests are numbered in
+    submission order); None (a vLLM without that counter) keeps vLLM's own order."""
+    if len(outputs) != n:
+        raise RolloutError(f"vLLM returned {len(outputs)} outputs for {n} prompts")
+    if first_id is None:
+        return list(outputs)
+    placed = [None] * n
+    for out in outputs:
+        i = int(out.request_id) - first_id if str(out.request_id).isdigit() else -1
+        if not 0 <= i < n or placed[i] is not None:
+            raise RolloutError(f"vLLM returned an output for request {out.request_id!r}, not one "
+                               f"of this call's {first_id}..{first_id + n - 1} (or twice)")
+        placed[i] = out
+    return placed
 
 
 def full_weights(model):
