@@ -119,6 +119,7 @@ class SizeSpec:
     vision_width: int
     vision_depth: int
     vision_heads: int
+    linear_head_dim: int | None = None  # the hybrid families' linear-attention heads; None: head_dim
 
 
 SIZE_SPECS = {
@@ -127,9 +128,10 @@ SIZE_SPECS = {
     "s": SizeSpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
                   vision_width=64, vision_depth=2, vision_heads=4),
     # size s's widths with 2 heads of 32: the smallest size vLLM's CPU attention serves (it
-    # refuses head_dim 16), for the vLLM tests
+    # refuses head_dim 16), for the vLLM tests; linear-attention heads of 64, since vLLM's CPU
+    # Gated DeltaNet kernel runs head dims 64 and 128 only
     "s32": SizeSpec(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128,
-                    vision_width=64, vision_depth=2, vision_heads=2),
+                    vision_width=64, vision_depth=2, vision_heads=2, linear_head_dim=64),
     "m": SizeSpec(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
                   vision_width=128, vision_depth=4, vision_heads=4),
 }
@@ -292,7 +294,8 @@ def build_config(family: str, size: str, token_ids: dict[str, int], vocab_size: 
         head_dim=QWEN35_HEAD_DIM,
         layer_types=_layer_types(s.layers),
         linear_conv_kernel_dim=4,
-        linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+        linear_key_head_dim=s.linear_head_dim or head_dim,
+        linear_value_head_dim=s.linear_head_dim or head_dim,
         linear_num_key_heads=s.kv_heads, linear_num_value_heads=s.heads,
         rope_parameters={"rope_type": "default", "rope_theta": 10000000.0,
                          "partial_rotary_factor": QWEN35_ROTARY_FACTOR,

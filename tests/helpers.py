@@ -124,3 +124,28 @@ def mixed_samples():
         Sample("No image here, just text."),
         Sample("Where is the bag?", [noise_image(150, 100, 4)]),
     ]
+
+
+def vllm_samples(seed=0):
+    """The vLLM tests' prompts: different image sizes, two images in one prompt, a text-only
+    prompt, a system turn."""
+    return [
+        Sample("What is this item?", [noise_image(56, 56, seed + 1)]),
+        Sample("Compare the two.", [noise_image(84, 56, seed + 2), noise_image(56, 112, seed + 3)],
+               system="Answer briefly."),
+        Sample("No image here, just text."),
+    ]
+
+
+def long_samples():
+    """Prompts of several KV-cache blocks, so a second rollout of them hits the prefix cache."""
+    text = "Count the items on the left and then the items on the right. " * 30
+    return [Sample(text, [noise_image(112, 84, 7)]), Sample(text + "How many?")]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def masked_max(a, b, mask):
+    return float(((a - b).abs() * mask).max().detach())

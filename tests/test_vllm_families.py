@@ -15,12 +15,13 @@ the mean per token):
 - qwen3_5: max 0.041 / 0.029, mean 0.009 / 0.008: within 1.6x qwen2_vl's, so served right. It
   needs linear-attention head dims of 64 or 128: vLLM's CPU kernel `chunk_gated_delta_rule_cpu`
   fails with "Unexpected head dim size, 32" on s32's 32 (tried 32, 64, 96, 128, 256: only 64
-  and 128 run), so these tests build s32 with linear head dims 64 (hybrid_s32 below).
+  and 128 run), so size s32 has linear head dims of 64 (gpg_vlm.tiny), and the engine refuses
+  other linear head dims on CPU at start.
 - qwen3_5_moe: max 1.97 / 2.20, mean 0.55 / 0.63, as far off as scoring with the wrong images
   (2.7 / 2.2): the engine starts and samples, but not from our model. Cause not isolated (the
   MoE blocks are the difference from qwen3_5; the tiny's routed down_proj is square, 64 x 64, so a
-  transposed expert layout, as for qwen3_vl_moe, would load without a shape error). Not tested
-  here; the engine should refuse it at start like qwen3_vl_moe.
+  transposed expert layout, as for qwen3_vl_moe, would load without a shape error). The engine
+  refuses it at start, like qwen3_vl_moe (tested below).
 
 The bf16 bound BF16_TOL = 0.1 is about 4x qwen2_vl's measured max and 2.5x qwen3_5's; the same
 tests run for qwen2_vl in bf16, so the bound is checked against the reference in every run, and
@@ -37,23 +38,24 @@ import copy
 import pytest
 import torch
 
-import gpg_vlm.tiny
 from gpg_vlm.models.adapter import VLMAdapter
 from gpg_vlm.rollout import RolloutSetupError, make_engine
 from gpg_vlm.tiny import make_tiny_model
-from test_vllm_rollout import gen, long_samples, masked_max, mixed_samples
+from helpers import gen, long_samples, masked_max, vllm_samples
 
 pytestmark = pytest.mark.vllm
 
 
-@pytest.mark.parametrize("family, reason", [
-    ("qwen3_5", "requires bfloat16"),
-    ("qwen3_5_moe", "requires bfloat16"),
-    ("qwen3_vl_moe", "fused expert weights"),
+@pytest.mark.parametrize("family, size, dtype, reason", [
+    ("qwen3_5", "s32", "float32", "requires bfloat16"),
+    ("qwen3_5", "m", "bfloat16", "head dims [32] on CPU"),  # m's linear heads are 32 wide
+    ("qwen3_5_moe", "s32", "float32", "2.2 nats off"),
+    ("qwen3_5_moe", "s32", "bfloat16", "2.2 nats off"),
+    ("qwen3_vl_moe", "s32", "float32", "fused expert weights"),
 ])
-def test_unserved_family_is_refused_at_start_in_one_line(family, reason, tmp_path):
-    path = make_tiny_model(family, "s32", tmp_path / family, seed=0)
-    adapter = VLMAdapter.from_pretrained(path, device="cpu")
+def test_unserved_family_is_refused_at_start_in_one_line(family, size, dtype, reason, tmp_path):
+    path = make_tiny_model(family, size, tmp_path / family, seed=0)
+    adapter = VLMAdapter.from_pretrained(path, device="cpu", dtype=dtype)
     with pytest.raises(RolloutSetupError) as refused:
         make_engine("vllm", adapter, model_dir=path, seed=0, max_model_len=512)
     message = str(refused.value)
@@ -78,30 +80,11 @@ INIT_STD = 0.1  # as in test_vllm_rollout: log-probs depend strongly on every in
 GDN_HEAD_DIM = 64  # a linear-attention head dim vLLM's CPU kernel runs (64 or 128)
 
 
-def hybrid_s32(family, out):
-    """Size s32 of `family`; a hybrid family's linear-attention heads widened to GDN_HEAD_DIM.
-
-    s32's linear heads are 32 wide, which vLLM's CPU Gated DeltaNet kernel does not run; the
-    rest of the config is make_tiny_model's own.
-    """
-    build = gpg_vlm.tiny.build_config
-
-    def widened(*args, **kwargs):
-        config = build(*args, **kwargs)
-        text = getattr(config, "text_config", config)
-        if hasattr(text, "linear_key_head_dim"):
-            text.linear_key_head_dim = text.linear_value_head_dim = GDN_HEAD_DIM
-        return config
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gpg_vlm.tiny, "build_config", widened)
-        return make_tiny_model(family, "s32", out, seed=0, init_std=INIT_STD)
-
-
 @pytest.fixture(scope="module", params=BF16_FAMILIES)
 def bf16_policy(request, tmp_path_factory):
     """(adapter, engine) in bfloat16 for one family; closed before the next family's starts."""
-    path = hybrid_s32(request.param, tmp_path_factory.mktemp("bf16") / request.param)
+    path = make_tiny_model(request.param, "s32", tmp_path_factory.mktemp("bf16") / request.param,
+                           seed=0, init_std=INIT_STD)
     adapter = VLMAdapter.from_pretrained(path, device="cpu", dtype="bfloat16")
     engine = make_engine("vllm", adapter, model_dir=path, seed=0, max_model_len=1024)
     yield adapter, engine
@@ -119,7 +102,7 @@ def test_bf16_logprobs_match_training_forward(bf16_policy):
     adapter, engine = bf16_policy
     if adapter.model.config.model_type in ("qwen3_5", "qwen3_5_moe"):
         assert adapter.model.config.text_config.linear_key_head_dim == GDN_HEAD_DIM
-    batch = adapter.encode(mixed_samples())
+    batch = adapter.encode(vllm_samples())
     rollout = engine.generate(batch, 3, max_new_tokens=10, generator=gen(0))
     mask = rollout.completion_mask
     assert mask.sum() > 20 and torch.isfinite(rollout.logprobs).all()
@@ -127,7 +110,7 @@ def test_bf16_logprobs_match_training_forward(bf16_policy):
     assert not adapter.suppressed[sampled].any()  # no vision token sampled
     assert bf16_diff(adapter, batch, rollout) < BF16_TOL
     # control: the same completions scored with other pictures of the same sizes
-    wrong = adapter.encode(mixed_samples(seed=10))
+    wrong = adapter.encode(vllm_samples(seed=10))
     with torch.no_grad():
         scored = adapter.completion_logprobs(wrong, rollout).float()  # (B, T)
     assert masked_max(scored[:6], rollout.logprobs[:6], mask[:6]) > BF16_TOL
@@ -159,7 +142,7 @@ def test_bf16_engine_follows_a_weight_update(bf16_policy):
 
 def test_bf16_vision_tokens_are_never_sampled(bf16_policy):
     adapter, engine = bf16_policy
-    batch = adapter.encode(mixed_samples())
+    batch = adapter.encode(vllm_samples())
     vision = adapter.suppressed.nonzero().squeeze(-1)  # (S,)
     out = adapter.model.get_output_embeddings().weight
     saved = out.detach().clone()

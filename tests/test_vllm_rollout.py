@@ -13,51 +13,21 @@ close to the 1e-4 tolerance to be a fair test).
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from gpg_vlm.models.adapter import VLMAdapter
 from gpg_vlm.models.batch import Sample
 from gpg_vlm.rollout import make_engine
 from gpg_vlm.rollout.vllm import RolloutError
 from gpg_vlm.tiny import make_tiny_model
+from helpers import gen, long_samples, masked_max, noise_image, vllm_samples
 
 pytestmark = pytest.mark.vllm
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 INIT_STD = 0.1
 TOL = 1e-4
-
-
-def noise_image(width, height, seed):
-    rng = np.random.RandomState(seed)
-    return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def mixed_samples(seed=0):
-    """Different image sizes, two images in one prompt, a text-only prompt, a system turn."""
-    return [
-        Sample("What is this item?", [noise_image(56, 56, seed + 1)]),
-        Sample("Compare the two.", [noise_image(84, 56, seed + 2), noise_image(56, 112, seed + 3)],
-               system="Answer briefly."),
-        Sample("No image here, just text."),
-    ]
-
-
-def long_samples():
-    """Prompts of several KV-cache blocks, so a second rollout of them hits the prefix cache."""
-    text = "Count the items on the left and then the items on the right. " * 30
-    return [Sample(text, [noise_image(112, 84, 7)]), Sample(text + "How many?")]
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def masked_max(a, b, mask):
-    return float(((a - b).abs() * mask).max().detach())
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -73,7 +43,7 @@ def policy(request, tmp_path_factory):
 
 def test_logprobs_equal_training_forward(policy):
     adapter, engine = policy
-    batch = adapter.encode(mixed_samples())
+    batch = adapter.encode(vllm_samples())
     rollout = engine.generate(batch, 3, max_new_tokens=10, generator=gen(0))
     assert rollout.completion_ids.shape[0] == 9
     assert rollout.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -82,13 +52,13 @@ def test_logprobs_equal_training_forward(policy):
     trained = adapter.completion_logprobs(batch, rollout)
     assert masked_max(trained, rollout.logprobs, mask) < TOL
     # control: the same completions scored with other pictures of the same sizes move far more
-    wrong = adapter.completion_logprobs(adapter.encode(mixed_samples(seed=10)), rollout)
+    wrong = adapter.completion_logprobs(adapter.encode(vllm_samples(seed=10)), rollout)
     assert masked_max(wrong[:6], rollout.logprobs[:6], mask[:6]) > 100 * TOL
 
 
 def test_same_seed_same_completions_and_global_rng_untouched(policy):
     adapter, engine = policy
-    batch = adapter.encode(mixed_samples())
+    batch = adapter.encode(vllm_samples())
     state = torch.get_rng_state()
     a = engine.generate(batch, 2, max_new_tokens=8, generator=gen(3))
     b = engine.generate(batch, 2, max_new_tokens=8, generator=gen(3))
@@ -101,7 +71,7 @@ def test_same_seed_same_completions_and_global_rng_untouched(policy):
 
 def test_prompt_that_differs_from_the_adapters_is_refused(policy):
     adapter, engine = policy
-    batch = adapter.encode(mixed_samples())
+    batch = adapter.encode(vllm_samples())
     batch.images[0] = [noise_image(112, 112, 1)]  # a larger image than the prompt's tokens cover
     with pytest.raises(RolloutError, match="prompt 0: vLLM's prompt .* differs from the adapter's"):
         engine.generate(batch, 1, max_new_tokens=1, generator=gen(0))
@@ -128,7 +98,7 @@ def test_outputs_are_placed_by_request_not_by_position(policy, monkeypatch):
 
 def test_an_output_of_another_request_is_refused(policy, monkeypatch):
     adapter, engine = policy
-    batch = adapter.encode(mixed_samples())
+    batch = adapter.encode(vllm_samples())
     generate = engine.llm.generate
 
     def duplicated(*a, **k):  # the first output twice, the last one lost
@@ -179,7 +149,7 @@ def test_follows_weight_updates_through_the_prefix_cache(policy):
 
 def test_vision_tokens_are_never_sampled(policy):
     adapter, engine = policy
-    batch = adapter.encode(mixed_samples())
+    batch = adapter.encode(vllm_samples())
     vision = adapter.suppressed.nonzero().squeeze(-1)  # (S,)
     out = adapter.model.get_output_embeddings().weight
     saved = out.detach().clone()

@@ -39,9 +39,10 @@ engine's distributed state (a one-process gloo group, unless the trainer already
 torn down by `close`.
 
 Families refused at start (check_servable, one line): qwen3_vl_moe everywhere (its fused expert
-weights are laid out transposed between transformers 5 and vLLM, see UNSERVED), and the hybrid
-qwen3_5 / qwen3_5_moe on CPU unless bfloat16 (vLLM's CPU Gated DeltaNet kernel); the three dense
-families are served and tested (tests/test_vllm_rollout.py).
+weights are laid out transposed between transformers 5 and vLLM, see UNSERVED), qwen3_5_moe
+(sampled off its model, see UNSERVED), and qwen3_5 on CPU unless bfloat16 with linear-attention
+head dims 64 or 128 (vLLM's CPU Gated DeltaNet kernel); the three dense families are served and
+tested (tests/test_vllm_rollout.py), qwen3_5 in bfloat16 (tests/test_vllm_families.py).
 
 Deliberately left out: a separate vLLM server process, stop strings, beam search, and
 per-request LoRA in vLLM (LoRA is merged into the weights that are synced).
@@ -68,9 +69,14 @@ UNSERVED = {
                     "saves them so, while vLLM reads them transposed as the released checkpoints "
                     "store them, so neither a checkpoint saved by transformers nor the weight sync "
                     "would load right",
+    "qwen3_5_moe": "vLLM samples its checkpoints with log-probs up to 2.2 nats off the model's own "
+                   "in bfloat16 (its MoE blocks; measured on tiny checkpoints, cause not isolated), "
+                   "so the samples would not be the policy's",
 }
-# Hybrid families whose Gated DeltaNet layers vLLM's CPU build runs only in bfloat16
+# Hybrid families whose Gated DeltaNet layers vLLM's CPU build runs only in bfloat16, and only
+# with linear-attention head dims of 64 or 128 ("Unexpected head dim size" at the first generate)
 GDN_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+GDN_CPU_HEAD_DIMS = (64, 128)
 
 
 def require_vllm() -> None:
@@ -93,6 +99,14 @@ def check_servable(adapter, *, sleep: bool = False, tensor_parallel_size: int = 
         raise RolloutSetupError(
             f"rollout: vllm cannot serve {family} in {str(adapter.model.dtype).removeprefix('torch.')} "
             "on CPU: vLLM's CPU Gated DeltaNet kernel requires bfloat16 (dtype: bfloat16, or rollout: hf)")
+    if family in GDN_FAMILIES and not cuda:
+        text = getattr(adapter.model.config, "text_config", adapter.model.config)
+        dims = {text.linear_key_head_dim, text.linear_value_head_dim}
+        if not dims <= set(GDN_CPU_HEAD_DIMS):
+            raise RolloutSetupError(
+                f"rollout: vllm cannot serve {family} with linear-attention head dims "
+                f"{sorted(dims)} on CPU: vLLM's CPU Gated DeltaNet kernel runs only "
+                f"{' and '.join(map(str, GDN_CPU_HEAD_DIMS))}; use rollout: hf")
     if sleep and not cuda:
         raise RolloutSetupError("vllm_sleep: vLLM's sleep mode needs a GPU; set vllm_sleep: false on CPU")
     if tensor_parallel_size > 1 and not cuda:
