@@ -63,18 +63,21 @@ def test_recipes_print_a_table():
 
 
 def _measured():
-    """(id, record, shape_of keywords) of every step measured in bench/scale.json (full depth)
-    and bench/sweep.json (its stated reduced depths)."""
+    """(id, record, shape_of keywords) of every step measured in bench/scale.json (full depth),
+    bench/sweep.json and its re-run on the current code, bench/sweep-rerun.json (their stated
+    reduced depths)."""
     out = []
     scale = ROOT / "bench" / "scale.json"
     if scale.is_file():
         out += [(r["shape"], r, {}) for r in json.loads(scale.read_text())["models"]]
-    sweep = ROOT / "bench" / "sweep.json"
-    if sweep.is_file():
+    for name in ("sweep", "sweep-rerun"):
+        sweep = ROOT / "bench" / f"{name}.json"
+        if not sweep.is_file():
+            continue
         report = json.loads(sweep.read_text())
         depth = {"text_layers": report["model"]["text_layers"],
                  "vision_layers": report["model"]["vision_layers"]}
-        out += [("sweep-{factor}-G{group_size}-T{completion_tokens}-px{image_pixels}-i{images}"
+        out += [(f"{name}-{{factor}}-G{{group_size}}-T{{completion_tokens}}-px{{image_pixels}}-i{{images}}"
                  .format(factor=r["factor"], **r["point"]), r, depth) for r in report["points"]]
     return out
 
