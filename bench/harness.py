@@ -68,8 +68,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.report import (clock, machine, markdown, median, prompt_record, ratios, rss_mb, since,
-                          summarize, write_readme)
+from bench.report import (clock, machine, markdown, median, prompt_record, ratios, readme_markers,
+                          rss_mb, since, summarize, write_readme)
 from gpg_vlm.models.family import VISION_TOKENS
 
 # The checkout's root: worker processes import `bench.harness` (and its reward) from there.
@@ -500,7 +500,7 @@ def main(argv: list[str]) -> int:
     print(table)
     readme = args.readme or (None if args.quick else RESULTS / "README.md")
     if readme:
-        write_readme(Path(readme), table)
+        write_readme(Path(readme), table, *readme_markers(args.variants))
     for problem in report["problems"]:
         print(f"gpg-vlm bench: equal-work check failed: {problem}", file=sys.stderr)
     return 1 if report["problems"] else 0

@@ -17,6 +17,16 @@ from pathlib import Path
 
 README_START = "<!-- bench-results:start -->"
 README_END = "<!-- bench-results:end -->"
+# a run with a vLLM variant (a vLLM environment: other transformers) has a block of its own
+VLLM_README_START = "<!-- vllm-results:start -->"
+VLLM_README_END = "<!-- vllm-results:end -->"
+
+
+def readme_markers(variants) -> tuple[str, str]:
+    """The README block a run's table goes to: the vLLM block when any variant samples with vLLM."""
+    if any(v.endswith("vllm") for v in variants):
+        return VLLM_README_START, VLLM_README_END
+    return README_START, README_END
 # The largest |rollout - training forward| log-prob the bench accepts. Forced lengths widen the
 # gap for vLLM: with min_tokens it reports the log-probs of the EOS-masked distribution, off by
 # -log(1 - p_eos) (0.004-0.006 measured on the bench's random models), where the loop reports the

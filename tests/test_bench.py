@@ -142,3 +142,11 @@ def test_bench_help_runs_from_the_checkout(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["bench", "--help"])
     assert stop.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def test_a_run_with_a_vllm_variant_writes_the_vllm_block_not_the_main_results():
+    from bench.report import README_START, VLLM_README_START, readme_markers
+
+    assert readme_markers(["gpg", "grpo", "trl_beta0"])[0] == README_START
+    assert readme_markers(["gpg", "gpg_vllm", "trl_beta0"])[0] == VLLM_README_START
+    assert readme_markers(["trl_vllm"])[0] == VLLM_README_START
