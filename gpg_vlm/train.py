@@ -204,7 +204,8 @@ class Trainer(SetUp, Checkpoints):
         grad_norm = self._clip_and_check()  # after the all-reduce: equal on every rank
         out = {"grad_norm": grad_norm, "loss": procs.sum(loss) / procs.world, "updated": False,
                "rollout_logprob_diff": max(procs.gather_floats(stats["diff"])),
-               "micro_batches_per_process": procs.gather_objects(stats["parts"])}
+               # a tensor gather, not a pickled object gather: this runs every step
+               "micro_batches_per_process": [int(n) for n in procs.gather_floats(stats["parts"])]}
         if cfg.rollout_is_cap is not None:  # over the trained tokens of every process
             tokens = max(procs.sum(stats["tokens"]), 1)
             out["rollout_is_mean"] = procs.sum(stats["weight_sum"]) / tokens
