@@ -20,8 +20,14 @@ Workloads:
   applied identically in every variant, so the lengths follow from what each row samples. The
   bench checks that `old_uniform` and `new` produced identical completions; `old` samples other
   tokens (another random stream) and is listed with its own token count.
-- `rss`: one `equal`-style generate of `--rss-tokens` tokens per variant, each in a fresh process;
-  peak RSS (VmHWM) and its rise over the RSS before the call.
+- `rss`: one forced-length generate of `--rss-tokens` tokens per variant (`old`, `new`), each in a
+  fresh process; peak RSS (VmHWM, reset to the current RSS just before the call) and its rise
+  over the RSS before the call. Two shapes: the
+  bench's 16 x 8 completions (each layer's keys reach 37 MB, above glibc's largest mmap
+  threshold of 32 MB) and 1 x 4 (blocks of at most 1.2 MB, all from glibc's heap, like the cost
+  sweep's 4-row point that showed the heap growing with concatenation: bench/README.md). With
+  `--rss-real DIR`, also 1 x 4 completions of `--rss-real-tokens` on that real-vocabulary
+  checkpoint in bf16 (the sweep's reduced-depth Qwen2-VL-2B: where the heap growth was found).
 
 Times are medians over `--rounds` rounds; the variants' order rotates every round so that a slow
 spell on the shared machine hits each. The ratio is the median old time / median new time.
@@ -155,18 +161,37 @@ def equal_work(workload: str, r: int, seen: dict) -> dict:
             "what": f"old_uniform and new: identical completions, log-probs within {diff:.1e}"}
 
 
-def rss_child(variant: str, tokens: int) -> None:
+def rss_child(variant: str, tokens: int, prompts: int, group_size: int, real: str | None) -> None:
     """One forced-length generate in this fresh process; prints its RSS record as JSON."""
-    adapter, batch = load()
+    adapter, batch = load_real(real) if real else load()
+    batch = batch.select(list(range(prompts)))
     engine = engines(adapter)[variant]
+    # weights are paged in by the first forward (safetensors are mapped): not the loop's memory
+    engine.generate(batch, group_size, max_new_tokens=2, generator=torch.Generator().manual_seed(0))
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: earlier peaks not counted
     before = _status_kb("VmRSS")
     start = time.perf_counter()
-    rollout = engine.generate(batch, FULL.group_size, max_new_tokens=tokens, min_new_tokens=tokens,
+    rollout = engine.generate(batch, group_size, max_new_tokens=tokens, min_new_tokens=tokens,
                               generator=torch.Generator().manual_seed(0))
     seconds = time.perf_counter() - start
-    print(json.dumps({"variant": variant, "tokens": int(rollout.completion_mask.sum()),
-                      "seconds": seconds, "rss_before_mb": before / 1024,
-                      "peak_rss_mb": _status_kb("VmHWM") / 1024}))
+    print(json.dumps({"variant": variant, "model": real or "bench", "completions": prompts * group_size,
+                      "tokens": int(rollout.completion_mask.sum()), "seconds": seconds,
+                      "rss_before_mb": before / 1024, "peak_rss_mb": _status_kb("VmHWM") / 1024}))
+
+
+def load_real(model: str):
+    """A real-vocabulary checkpoint in bf16 and one prompt with a 316 x 316 noise image (100k
+    pixels, the cost sweep's base point)."""
+    import numpy as np
+    from PIL import Image
+
+    from gpg_vlm.models.adapter import VLMAdapter
+    from gpg_vlm.models.batch import Sample
+
+    adapter = VLMAdapter.from_pretrained(model, dtype="bfloat16", device="cpu")
+    adapter.model.eval()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (316, 316, 3), dtype=np.uint8))
+    return adapter, adapter.encode([Sample("What is shown in the picture?", [image])])
 
 
 def _status_kb(field: str) -> int:
@@ -176,16 +201,19 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def rss(tokens: int, threads: int, log) -> dict:
-    records = {}
-    for v in VARIANTS[::2]:  # old and new: the sampler does not change the cache's memory
-        cmd = [sys.executable, "-m", "bench.rollout_loop", "--rss-child", v, "--rss-tokens", str(tokens),
-               "--threads", str(threads)]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"bench/rollout_loop.py: the {v} RSS run failed:\n{done.stderr[-2000:]}")
-        records[v] = json.loads(done.stdout.strip().splitlines()[-1])
-        log(f"rss {v}: {records[v]}")
+def rss(runs: list[tuple], threads: int, log) -> list:
+    """runs: (tokens, prompts, G, real checkpoint or None) each; old and new in fresh processes."""
+    records = []
+    for tokens, prompts, group_size, real in runs:
+        for v in VARIANTS[::2]:  # old and new: the sampler does not change the cache's memory
+            cmd = [sys.executable, "-m", "bench.rollout_loop", "--rss-child", v, "--rss-tokens",
+                   str(tokens), "--rss-shapes", f"{prompts}x{group_size}", "--threads", str(threads)]
+            cmd += ["--rss-real", real] if real else []
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"bench/rollout_loop.py: the {v} RSS run failed:\n{done.stderr[-2000:]}")
+            records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            log(f"rss: {records[-1]}")
     return records
 
 
@@ -216,11 +244,12 @@ def table(result: dict) -> str:
                          f"{max(lengths[w][v])} | {med[w]['old'] / med[w][v]:.2f} | "
                          f"{med[w]['old_uniform'] / med[w][v]:.2f} |")
     if result.get("rss"):
-        lines += ["", "| variant | tokens per completion | seconds | RSS before generate (MB) | peak RSS (MB) | rise (MB) |",
-                  "|---|---|---|---|---|---|"]
-        for v, r in result["rss"].items():
-            lines.append(f"| {v} | {r['tokens'] // (FULL.prompts * FULL.group_size)} | {r['seconds']:.1f} | "
-                         f"{r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+        lines += ["", "| model | completions x tokens | variant | seconds | RSS before generate (MB) | peak RSS (MB) | rise (MB) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["rss"]:
+            model = "bench (tiny, fp32)" if r["model"] == "bench" else f"{Path(r['model']).name} (bf16)"
+            lines.append(f"| {model} | {r['completions']} x {r['tokens'] // r['completions']} | {r['variant']} | "
+                         f"{r['seconds']:.1f} | {r['rss_before_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
                          f"{r['peak_rss_mb'] - r['rss_before_mb']:.0f} |")
     return "\n".join(lines)
 
@@ -230,12 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rss-tokens", type=int, default=1024, help="0: skip the RSS runs")
+    p.add_argument("--rss-shapes", default="16x8,1x4",
+                   help="prompts x G of each RSS run (16x8: the bench's; 1x4: few rows, small blocks)")
+    p.add_argument("--rss-real", metavar="DIR", type=Path,
+                   help="also an RSS run (1 x 4 completions) on this real-vocabulary checkpoint in bf16, "
+                        "e.g. the cost sweep's (python -m bench.sweep --build DIR; needs gpg_vlm[scale])")
+    p.add_argument("--rss-real-tokens", type=int, default=300)
     p.add_argument("--output", type=Path, help="also write the results as JSON here")
     p.add_argument("--rss-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.rss_shapes.split(",")]
     if args.rss_child:
-        rss_child(args.rss_child, args.rss_tokens)
+        rss_child(args.rss_child, args.rss_tokens, *shapes[0], str(args.rss_real) if args.rss_real else None)
         return 0
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     load_start = os.getloadavg()
@@ -244,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": report.machine(), "threads": args.threads, "old_commit": OLD_COMMIT,
               "timing": timings(adapter, batch, args.rounds, log)}
-    result["rss"] = rss(args.rss_tokens, args.threads, log) if args.rss_tokens else {}
+    runs = [(args.rss_tokens, *shape, None) for shape in shapes] if args.rss_tokens else []
+    runs += [(args.rss_real_tokens, 1, 4, str(args.rss_real.resolve()))] if args.rss_real else []
+    result["rss"] = rss(runs, args.threads, log)
     result["load_average"] = {"start": load_start, "end": os.getloadavg()}
     m = result["machine"]
     print(f"{result['command']}\n{result['date']}; {m['cpu']}, {m['cpu_count']} CPUs shared with other "
