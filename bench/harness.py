@@ -70,7 +70,7 @@ from bench.report import (clock, machine, markdown, median, prompt_record, ratio
 from bench.trl_run import TRL_VLLM_ON_CPU, run_trl
 from bench.workload import FULL, PROMPT_TEMPLATE, QUICK, Workload
 
-# The checkout's root: worker processes import `bench.harness` (and the reward, bench.workload) from there.
+# The checkout's root: worker processes import bench.harness and the reward (bench.workload) from it.
 CHECKOUT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent  # results.json and README.md live beside the harness
 VARIANTS = ("gpg", "grpo", "trl_beta0", "trl_beta004", "gpg_vllm", "trl_vllm")
