@@ -247,7 +247,7 @@ class TrainConfig:
         return dataclasses.replace(self, **unchanged, **changes)
 
 
-def _bad(key: str, why: str):
+def _bad(key: str, why: str) -> typing.NoReturn:
     raise ConfigError(f"config key {key!r}: {why}")
 
 
