@@ -51,7 +51,8 @@ from pathlib import Path
 import torch
 
 from bench import report
-from bench.harness import FULL, PROMPT_TEMPLATE, prepare
+from bench.harness import prepare
+from bench.workload import FULL, PROMPT_TEMPLATE
 from gpg_vlm.rollout import hf
 
 ROOT = Path(__file__).resolve().parent.parent

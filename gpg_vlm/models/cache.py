@@ -26,7 +26,10 @@ values by concatenation, a copy of the whole cache per layer per token (most of 
 time on small models, and a fragmented heap at long completions). A reserved layer writes them
 into buffers sized once for the prompt plus every completion token and hands the attention the
 filled slice, so nothing is copied after the prompt; `select` moves its rows within the same
-buffers (finished completions leave the decoding batch without a new allocation).
+buffers (finished completions leave the decoding batch without a new allocation). transformers'
+own `StaticCache` (5.18-5.23) also writes in place, but hands the attention all of its capacity
+every step (the unfilled part masked), so attention costs the full length from the first token,
+and it is built empty from the config, not from a prefilled, repeated cache.
 
 Deliberately left out: static, sliding-window, quantized and offloaded caches (none of the
 supported families builds one in a plain forward); they are reported as not indexable. A
