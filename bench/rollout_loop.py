@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in failed:
         print(f"equal-work check FAILED: round {c['round']} {c['workload']}: {c['what']}")
     if args.output:
-        args.output.write_text(json.dumps(result, indent=1))
+        args.output.write_text(json.dumps(result) + "\n")
     return 1 if failed else 0
 
 
