@@ -229,3 +229,26 @@ def test_reserving_keeps_one_buffer_while_decoding(models):
                         use_cache=True)
         assert [layer.key_buffer.data_ptr() for layer in cache.layers] == buffers
         assert cache.get_seq_length() == 12
+
+
+def test_one_token_completions_run_the_prompt_and_the_continuation(adapters):
+    """The training forward runs the decoder twice per micro-batch whatever T is: under FSDP2
+    each run gathers every layer, so a process whose completions all have one token must not
+    skip the continuation while another runs it (the collectives would no longer pair up)."""
+    from helpers import mixed_samples
+
+    adapter = adapters("qwen2_vl")
+    batch = adapter.encode(mixed_samples()[:2])
+    prompt_index = torch.tensor([0, 0, 1, 1])
+    ids = torch.tensor([[5, 9, 7], [6, 9, 7], [7, 9, 7], [8, 9, 7]])  # (b, T)
+    calls = []
+    hook = adapter.model.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            one = adapter.logprobs(batch, prompt_index, ids[:, :1], torch.ones(4, 1))
+            assert len(calls) == 2
+            three = adapter.logprobs(batch, prompt_index, ids, torch.ones(4, 3))
+            assert len(calls) == 4
+    finally:
+        hook.remove()
+    assert one.shape == (4, 1) and (one[:, 0] - three[:, 0]).abs().max() < TOL
