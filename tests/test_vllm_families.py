@@ -70,6 +70,16 @@ def test_unserved_family_is_refused_at_start_in_one_line(family, size, dtype, re
     assert f"cannot serve {family}" in message and reason in message and "rollout: hf" in message
 
 
+def test_an_engine_in_another_process_is_refused_at_start(tmp_path, monkeypatch):
+    """The engine starts from the policy's weights handed over in memory: it must run here."""
+    path = make_tiny_model("qwen2_vl", "s32", tmp_path / "m", seed=0)
+    adapter = VLMAdapter.from_pretrained(path, device="cpu")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    with pytest.raises(RolloutSetupError, match="in the training process") as refused:
+        make_engine("vllm", adapter, model_dir=path, seed=0, max_model_len=512)
+    assert len(str(refused.value).splitlines()) == 1
+
+
 def test_hybrid_family_in_bfloat16_is_not_refused_for_its_dtype(tmp_path):
     """Control: the dtype refusal is about fp32 only (bfloat16 passes the check)."""
     from gpg_vlm.rollout.vllm import check_servable

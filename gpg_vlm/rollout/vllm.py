@@ -176,6 +176,9 @@ class VLLMRollout:
         # colocated: the engine runs in this process, so weights are handed over in memory and
         # its sampler's RNG is this process's (reseeded per call, see generate)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":  # the start hands weights in memory
+            raise RolloutSetupError("rollout: vllm runs its engine in the training process: unset "
+                                    "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)")
         # the CPU engine's KV cache size in GiB (its default would take a share of RAM)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM

@@ -1,7 +1,7 @@
 """The policy's weights as the vLLM engine loads them: full tensors in the checkpoint layout.
 
-`checkpoint_weights(model)` yields what `VLLMRollout.sync_weights` hands to vLLM's
-`reload_weights(is_checkpoint_format=True)`: the policy's state dict with LoRA merged and FSDP2
+`checkpoint_weights(model)` yields what a new engine starts from and what `VLLMRollout.sync_weights`
+hands to vLLM's `reload_weights(is_checkpoint_format=True)`: the policy's state dict with LoRA merged and FSDP2
 shards gathered (`full_weights`), then, per family, each tensor that transformers holds in
 another layout than the released checkpoints put back into theirs (`CHECKPOINT_LAYOUT`).
 vLLM's loaders read the released checkpoints' layout only; a tensor of equal shape in the
@@ -42,6 +42,9 @@ import torch
 #   loader transposes them back (`is_fused_checkpoint_transposed=True`). transformers 5.19 saves
 #   its own layout, so its saved checkpoints are not the released layout either (vLLM refuses
 #   them at load with a shape error; the engine therefore starts without reading them).
+#   transformers' own Transpose checks dims, so it reads either layout where the shapes tell
+#   them apart and keeps a square matrix as it is; vLLM always transposes, so a square
+#   down_proj (H == I) in the wrong layout loads silently wrong (the test's control).
 # - qwen3_5_moe: none. Its released checkpoints hold one tensor per expert, transformers fuses
 #   them to gate_up_proj (E, 2I, H) = [gate; up] and down_proj (E, H, I), and vLLM's fused-MoE
 #   loader takes a fused tensor in exactly that layout (`is_fused_checkpoint_transposed=False`,
@@ -55,7 +58,8 @@ CHECKPOINT_LAYOUT = {
 
 
 def checkpoint_weights(model):
-    """(name, tensor) for every weight of `model` in the released checkpoints' names and layout."""
+    """(name, tensor) for every weight of `model` as vLLM's loader reads them: `full_weights`
+    with the family's CHECKPOINT_LAYOUT conversions applied."""
     conversions = CHECKPOINT_LAYOUT.get(getattr(model.config, "model_type", ""), ())
     for name, tensor in full_weights(model):
         for suffix, convert in conversions:
@@ -121,6 +125,7 @@ def repack_cpu_moe(worker) -> int:
 
 POLICY_LOAD_FORMAT = "gpg_vlm_policy"
 _START_WEIGHTS: list | None = None  # what the engine being started in this process loads
+_registered = False
 
 
 @contextmanager
@@ -136,6 +141,9 @@ def starting_from(weights: list):
 
 
 def _register_policy_loader() -> None:
+    global _registered
+    if _registered:  # once per process (vLLM warns on a second registration)
+        return
     from vllm.model_executor.model_loader import register_model_loader
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
@@ -153,6 +161,8 @@ def _register_policy_loader() -> None:
                                    "engine must run in the trainer's process "
                                    "(VLLM_ENABLE_V1_MULTIPROCESSING=0)")
             yield from _START_WEIGHTS
+
+    _registered = True
 
 
 __all__ = ["CHECKPOINT_LAYOUT", "POLICY_LOAD_FORMAT", "checkpoint_weights", "full_weights",
