@@ -36,8 +36,8 @@ LENIENT = [
     ("The box is [10, 20, 30, 40]", "grounding", ("The box is [10, 20, 30, 40]", "last_line")),
     ("I cannot see a box", "grounding", (None, "none")),
     ("A cat sits there", "choice", (None, "none")),  # an article is not a letter answer
-    ("<think>the answer is 5</think>", "math", (None, "none")),  # never read inside think
-    ("<think>the answer is 5</think>I am not sure.", "math", (None, "none")),
+    ("<think>the answer is 5</think>", "math", ("5", "phrase")),  # all reasoning: its explicit answer
+    ("<think>the answer is 5</think>I am not sure.", "math", (None, "none")),  # else never read inside
     ("", "math", (None, "none")),
 ]
 
@@ -230,6 +230,7 @@ OPEN_THINK = [
     ("<think> ... the answer is 5.", ("5", "phrase")),  # an explicit final answer is read
     ("<think> ... Thus x is \\boxed{25}.", ("25", "boxed")),  # base models that never close
     ("<think>\\boxed{3}</think> so 4", ("4", "last_line")),  # a closed block stays hidden
+    ("<think>\\boxed{3}</think>", ("3", "boxed")),  # ... unless nothing is outside it
     ("<think> 5 <answer>", (None, "none")),  # an unclosed answer tag is no answer
 ]
 
@@ -240,11 +241,19 @@ def test_open_think_ends_at_the_answer_tag_in_lenient_mode_only(completion, expe
     assert extract(completion, "strict") == (None, "none")
 
 
-def test_closed_think_still_hides_its_answer_tag():
-    # the check-reward hack "the answer only inside <think>" stays unread in both modes
+def test_closed_think_hides_its_answer_unless_the_completion_is_all_reasoning():
+    # strict (the training reward) never reads a closed think block: the check-reward hack
+    # "the answer only inside <think>" scores 0 there
     for completion in ("<think><answer>5</answer></think>", "<think><answer>5</answer></think> 7"):
         assert extract(completion, "strict") == (None, "none")
-        assert lenient_answer(completion, "math")[0] != "5"
+    # lenient reads it only when the model wrote nothing else, and only an explicit answer
+    assert lenient_answer("<think><answer>5</answer></think> 7", "math") == ("7", "last_line")
+    assert lenient_answer("<think>so <answer>5</answer>\n</think>", "math") == ("5", "tag")
+    assert lenient_answer("<think>Thus x is \\boxed{22}.</think>", "math") == ("22", "boxed")
+    assert lenient_answer("<think>so it is 5</think>", "math") == (None, "none")  # no last-line guess
+    answer, _ = lenient_answer("<think>it is 40, so <answer>30</answer></think>", "math")
+    assert reasoning_reward([as_tagged(answer)], ["40"]) == [0.0]  # a wrong answer still scores 0
+    assert reasoning_reward([as_tagged(answer)], ["30"]) == [1.0]  # control
 
 
 def test_open_think_repair_does_not_make_a_wrong_answer_right():

@@ -9,11 +9,14 @@ outside `<think>` blocks; anything else has no answer. Step name "tag" (or "none
 
 lenient — for models that do not follow the answer format (base models, other projects'
 published outputs). The first of these steps that finds something wins; every step reads only
-the text outside `<think>` blocks, as the training reward does, except that steps 2 and 3 also
-read a `<think>` left open to the end (a base model that opens one and never closes it, then
-ends "The final answer is \\boxed{40}."): a box or a final-answer phrase is an answer wherever
-the model forgot to close its reasoning, while the guesses of steps 4-6 (an opening letter, a
-named option, the last number) never read reasoning:
+the text outside `<think>` blocks, as the training reward does, with two exceptions for models
+that put everything in their reasoning: steps 2 and 3 also read a `<think>` left open to the
+end (a base model that opens one and never closes it, then ends "The final answer is
+\\boxed{40}."), and steps 1-3 read the last think block of a completion that writes nothing
+outside its think blocks ("<think>... so the answer is <answer>B</answer></think>"). An
+explicit answer (a tag, a box, a final-answer phrase) is the model's answer wherever it
+wrote it when it wrote nothing else; the guesses of steps 4-6 (an opening letter, a named
+option, the last number) never read reasoning:
 1. "tag": the answer tag, exactly as in strict mode, with one repair: a `<think>` that is never
    closed ends where the first `<answer>` after it begins ("<think> ... <answer>C</answer>"
    reads C; the model forgot `</think>` but did start answering), where strict mode reads the
@@ -305,9 +308,23 @@ def _open_think_shown(text: str) -> str:
     return text[:tags[-1].start()] + " " + text[tags[-1].end():]
 
 
+def _last_think_block(text: str) -> str:
+    """The content of the last think block of a completion that is all reasoning, as an open
+    block (so that steps 1-3 read it and steps 4-6 do not); "" when there is none."""
+    tags = list(_THINK_TAG.finditer(text))
+    opens = [m for m in tags if m.group(0)[1] != "/"]
+    if not opens:
+        return text
+    close = next((m for m in tags if m.group(0)[1] == "/" and m.start() > opens[-1].start()), None)
+    inner = text[opens[-1].end():close.start() if close else len(text)]
+    return "<think>" + _close_open_think("<think>" + inner)[len("<think>"):]
+
+
 def lenient_answer(completion, task: str = "math", choices=None, question=None) -> tuple[str | None, str]:
     """(answer, step) by the lenient steps of the module docstring; never raises."""
     full = _close_open_think(completion_text(completion))
+    if not strip_think(full).strip():  # all reasoning: steps 1-3 read its last think block
+        full = _last_think_block(full)
     tagged = extract_answer(full)
     if tagged is not None:
         return tagged, "tag"
