@@ -19,10 +19,16 @@ Every disagreement is checked for evidence, in their own file, that their verdic
 (`authors_error`); agreement is reported over all items and over the items without such
 evidence.
 
+R1-V-style result files (`{"accuracy": ..., "results": [...]}`, as R1-V and Ocean-R1 publish
+them for GeoQA, SuperCLEVR counting, MathVision, MMMU and MathVerse) are recognised by their
+shape and read by `r1v_results.py` (its docstring: the reader, their parsers, and its own
+evidence rules); there the completion is the only text, so `--read` does not apply.
+
 Records without a verdict or an answer are left out; a record `score` refuses as a bad row
 (e.g. an answer that is none of its choices) is counted under `bad_rows`, not compared.
 
     python eval/compare_judgments.py output_gpt4.json [more files...] [--read response] [--show 10]
+    python eval/compare_judgments.py geoqa_test_qwen2vl_7b_grpo_2epochs_legacy.json [--extract strict]
 """
 
 from __future__ import annotations
@@ -208,7 +214,8 @@ def compare(records: list[dict] | dict, read: str = "extraction", extract: str |
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("files", nargs="+", type=Path, help="MathVista output_*.json (or .jsonl) files")
+    p.add_argument("files", nargs="+", type=Path,
+                   help="MathVista output_*.json (or .jsonl) files, or R1-V-style result files")
     p.add_argument("--read", choices=("extraction", "response", "execution"), default="extraction",
                    help="score their extracted answer, the model's own free-text response, or the "
                         "output of its program (MathVista's program-of-thought runs)")

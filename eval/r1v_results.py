@@ -35,7 +35,8 @@ _CHOICE_LINE = re.compile(r"^\s*\(?([A-Z])\)?\s*[:.)]\s*(.+?)\s*$")
 _LETTER = re.compile(r"\(?([A-Z])\)?")
 _PARSED = re.compile(r"\[.*, '(.*)'\]", re.DOTALL)
 _RADICAL = re.compile(r"√\{[^{}]*\}|√\d+")
-_UNIT_AFTER = re.compile(r"\d\s*(?:\\mathrm\{)?~?[^\W\d_π]")  # a unit after a number: "3cm"
+_UNIT_AFTER = re.compile(  # a unit word after a number ("3cm", "8m"), not a variable ("12 x^{2}")
+    r"\d\s*(?:\\mathrm\{)?~?(?:[^\W\d_π]{2,}|[mgslhvwjk米秒](?![^\W\d_]))")
 
 
 def _question(r: dict) -> str | None:
