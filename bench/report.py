@@ -15,6 +15,8 @@ import time
 import zlib
 from pathlib import Path
 
+from bench.workload import Workload
+
 README_START = "<!-- bench-results:start -->"
 README_END = "<!-- bench-results:end -->"
 # a run with a vLLM variant (a vLLM environment: other transformers) has a block of its own
@@ -50,6 +52,23 @@ def clock() -> tuple[float, float, float]:
 def since(start: tuple[float, float, float]) -> dict:
     wall, cpu, steal = (b - a for a, b in zip(start, clock()))
     return {"wall": wall, "cpu": cpu, "steal": steal}
+
+
+def split_step(wall: float, generation: float, sync: float) -> dict:
+    """A step's wall time split: rollout (generation less the weight sync inside it), the sync,
+    and train (the rest)."""
+    return {"rollout": generation - sync, "sync": sync, "train": wall - generation}
+
+
+def timed(fn, seconds: dict, key: str):
+    """`fn`, adding the wall time of every call to `seconds[key]`."""
+    def call(*args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        seconds[key] += time.perf_counter() - t
+        return out
+
+    return call
 
 
 def prompt_record(prompts: list[list[int]]) -> dict:

@@ -12,11 +12,15 @@ algorithm's own choice"); they are resolved at construction, so the code, config
 metrics only ever see the number. A key of an earlier version gives one line naming its
 replacement (`RENAMED`). `parse_overrides` and `build` are the one `key=value` parser and the
 one checked constructor; the demo uses them for its own few settings too.
+
+The class holds the fields and their reasons; the checks its construction runs (`check_types`,
+`_check_values`, `_check_ranges`) are the module's functions below it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -190,116 +194,10 @@ class TrainConfig:
     """On --resume, accept changes to keys that define the run (model, data, algorithm, group_size, rewards, ...; RUN_DEFINING). Off: refused; other changes are listed in a warning."""
 
     def __post_init__(self):
-        def bad(key, why):
-            raise ConfigError(f"config key {key!r}: {why}")
-
         check_types(self)
-        if not self.model:
-            bad("model", "is required (a checkpoint directory; `gpg-vlm make-tiny-model` builds one)")
-        if not self.data:
-            bad("data", "is required (a JSONL, parquet or save_to_disk path)")
-        if self.algorithm not in ALGORITHMS:
-            bad("algorithm", f"{self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
-        if self.group_size < 2:
-            bad("group_size", f"must be >= 2 (a group of one has no advantage), got {self.group_size}")
-        if self.prompts_per_step < 1:
-            bad("prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
-        if not 0.0 <= self.beta_th <= 1.0:
-            bad("beta_th", f"must be in [0, 1], got {self.beta_th}")
-        if self.max_resample_tries < 0:
-            bad("max_resample_tries", f"must be >= 0, got {self.max_resample_tries}")
-        if self.lr_schedule not in SCHEDULES:
-            bad("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
-        if self.dtype not in DTYPES:
-            bad("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.on_bad_row not in ("error", "skip"):
-            bad("on_bad_row", f"{self.on_bad_row!r} is not one of error, skip")
-        for key in ("learning_rate", "max_new_tokens", "max_steps", "micro_batch_tokens",
-                    "save_total_limit", "max_nonfinite_steps"):
-            if getattr(self, key) <= 0:
-                bad(key, f"must be > 0, got {getattr(self, key)}")
-        for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
-                    "lora_r", "clip_eps", "top_k", "lora_dropout", "entropy_coef"):
-            if getattr(self, key) < 0:
-                bad(key, f"must be >= 0, got {getattr(self, key)}")
-        if self.kl_beta is not None and self.kl_beta < 0:
-            bad("kl_beta", f"must be >= 0 or null, got {self.kl_beta}")
-        if self.epochs is not None and self.epochs <= 0:
-            bad("epochs", f"must be > 0 or null, got {self.epochs}")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens <= 0:
-            bad("max_prompt_tokens", f"must be > 0 or null, got {self.max_prompt_tokens}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            bad("max_minutes", f"must be > 0 or null, got {self.max_minutes}")
-        if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.sharding not in SHARDINGS:
-            bad("sharding", f"{self.sharding!r} is not one of {', '.join(SHARDINGS)}")
-        if self.sharding == "fsdp" and self.lora_r:
-            bad("sharding", "fsdp with LoRA (lora_r > 0) is not supported: LoRA's trainable weights "
-                "are small, so use sharding: ddp (optionally with gradient_checkpointing)")
-        if self.rollout not in ROLLOUTS:
-            bad("rollout", f"{self.rollout!r} is not one of {', '.join(ROLLOUTS)}")
-        if self.rollout != "vllm":
-            for f in fields(self):
-                if f.name.startswith("vllm_") and getattr(self, f.name) != f.default:
-                    bad(f.name, "applies only with rollout: vllm")
-        if not 0.0 < self.vllm_gpu_memory_utilization <= 1.0:
-            bad("vllm_gpu_memory_utilization", f"must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        if self.vllm_tensor_parallel_size < 1:
-            bad("vllm_tensor_parallel_size", f"must be >= 1, got {self.vllm_tensor_parallel_size}")
-        if self.vllm_max_model_len <= self.max_new_tokens:
-            bad("vllm_max_model_len", f"must exceed max_new_tokens ({self.max_new_tokens}), "
-                f"got {self.vllm_max_model_len}")
-        if self.rollout_is_cap is not None and self.rollout_is_cap <= 0:
-            bad("rollout_is_cap", f"must be > 0 or null, got {self.rollout_is_cap}")
-        if self.temperature <= 0:
-            bad("temperature", f"must be > 0 for training (the policy gradient needs sampling), got {self.temperature}")
-        if "{problem}" not in self.prompt_template:
-            bad("prompt_template", "must contain {problem}")
-        if not self.rewards:
-            bad("rewards", "needs at least one reward, e.g. {accuracy: 1.0}")
-        for name, weight in self.rewards.items():
-            if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                bad("rewards", f"entries are name: weight, got {name!r}: {weight!r}")
-        if len(self.adam_betas) != 2:
-            bad("adam_betas", f"needs two values, got {self.adam_betas!r}")
-        self._check_ranges(bad)
+        _check_values(self)
+        _check_ranges(self)
         self._resolve_by_algorithm()
-
-    def _check_ranges(self, bad) -> None:
-        """Every number finite and in range, and the names the loaders take, before anything loads."""
-        import math
-
-        for f in fields(self):
-            value = getattr(self, f.name)
-            values = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                bad(f.name, f"must be a finite number, got {value!r}")
-        if not 0 < self.learning_rate <= 1:
-            bad("learning_rate", f"must be in (0, 1] (AdamW moves each weight by about lr per step), got {self.learning_rate}")
-        for b in self.adam_betas:
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
-                bad("adam_betas", f"each must be a number in [0, 1), got {self.adam_betas!r}")
-        if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        if self.lora_alpha <= 0:
-            bad("lora_alpha", f"must be > 0, got {self.lora_alpha}")
-        if self.lora_r and not self.lora_target_modules:
-            bad("lora_target_modules", "needs at least one module name when lora_r > 0")
-        if not all(isinstance(m, str) and m for m in self.lora_target_modules):
-            bad("lora_target_modules", f"must be module names, got {self.lora_target_modules!r}")
-        for key in ("min_pixels", "max_pixels", "eval_limit"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                bad(key, f"must be >= 1 or null, got {getattr(self, key)}")
-        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            bad("min_pixels", f"{self.min_pixels} is above max_pixels {self.max_pixels}")
-        if not 0 <= self.seed < 2**63:
-            bad("seed", f"must be in [0, 2**63), got {self.seed}")
-        if not str(self.output_dir).strip():
-            bad("output_dir", "must name a folder, got an empty string")
-        if self.attn_implementation not in ATTENTION:
-            bad("attn_implementation", f"{self.attn_implementation!r} is not one of "
-                f"{', '.join(a for a in ATTENTION if a)} or null")
 
     def _resolve_by_algorithm(self) -> None:
         """Fill the None of `scale_by_std` / `kl_beta` with the algorithm's own choice."""
@@ -347,6 +245,117 @@ class TrainConfig:
         """A copy with `changes`; values that were the algorithm's choice are chosen again."""
         unchanged = {k: None for k in self._by_algorithm if k not in changes}
         return dataclasses.replace(self, **unchanged, **changes)
+
+
+def _bad(key: str, why: str) -> typing.NoReturn:
+    raise ConfigError(f"config key {key!r}: {why}")
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Required keys, the named choices, signs, and the combinations that cannot run."""
+    if not cfg.model:
+        _bad("model", "is required (a checkpoint directory; `gpg-vlm make-tiny-model` builds one)")
+    if not cfg.data:
+        _bad("data", "is required (a JSONL, parquet or save_to_disk path)")
+    if cfg.algorithm not in ALGORITHMS:
+        _bad("algorithm", f"{cfg.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    if cfg.group_size < 2:
+        _bad("group_size", f"must be >= 2 (a group of one has no advantage), got {cfg.group_size}")
+    if cfg.prompts_per_step < 1:
+        _bad("prompts_per_step", f"must be >= 1, got {cfg.prompts_per_step}")
+    if not 0.0 <= cfg.beta_th <= 1.0:
+        _bad("beta_th", f"must be in [0, 1], got {cfg.beta_th}")
+    if cfg.max_resample_tries < 0:
+        _bad("max_resample_tries", f"must be >= 0, got {cfg.max_resample_tries}")
+    if cfg.lr_schedule not in SCHEDULES:
+        _bad("lr_schedule", f"{cfg.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if cfg.dtype not in DTYPES:
+        _bad("dtype", f"{cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cfg.on_bad_row not in ("error", "skip"):
+        _bad("on_bad_row", f"{cfg.on_bad_row!r} is not one of error, skip")
+    for key in ("learning_rate", "max_new_tokens", "max_steps", "micro_batch_tokens",
+                "save_total_limit", "max_nonfinite_steps"):
+        if getattr(cfg, key) <= 0:
+            _bad(key, f"must be > 0, got {getattr(cfg, key)}")
+    for key in ("warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
+                "lora_r", "clip_eps", "top_k", "lora_dropout", "entropy_coef"):
+        if getattr(cfg, key) < 0:
+            _bad(key, f"must be >= 0, got {getattr(cfg, key)}")
+    if cfg.kl_beta is not None and cfg.kl_beta < 0:
+        _bad("kl_beta", f"must be >= 0 or null, got {cfg.kl_beta}")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        _bad("epochs", f"must be > 0 or null, got {cfg.epochs}")
+    if cfg.max_prompt_tokens is not None and cfg.max_prompt_tokens <= 0:
+        _bad("max_prompt_tokens", f"must be > 0 or null, got {cfg.max_prompt_tokens}")
+    if cfg.max_minutes is not None and cfg.max_minutes <= 0:
+        _bad("max_minutes", f"must be > 0 or null, got {cfg.max_minutes}")
+    if not 0.0 < cfg.top_p <= 1.0:
+        _bad("top_p", f"must be in (0, 1], got {cfg.top_p}")
+    if cfg.sharding not in SHARDINGS:
+        _bad("sharding", f"{cfg.sharding!r} is not one of {', '.join(SHARDINGS)}")
+    if cfg.sharding == "fsdp" and cfg.lora_r:
+        _bad("sharding", "fsdp with LoRA (lora_r > 0) is not supported: LoRA's trainable weights "
+             "are small, so use sharding: ddp (optionally with gradient_checkpointing)")
+    if cfg.rollout not in ROLLOUTS:
+        _bad("rollout", f"{cfg.rollout!r} is not one of {', '.join(ROLLOUTS)}")
+    if cfg.rollout != "vllm":
+        for f in fields(cfg):
+            if f.name.startswith("vllm_") and getattr(cfg, f.name) != f.default:
+                _bad(f.name, "applies only with rollout: vllm")
+    if not 0.0 < cfg.vllm_gpu_memory_utilization <= 1.0:
+        _bad("vllm_gpu_memory_utilization", f"must be in (0, 1], got {cfg.vllm_gpu_memory_utilization}")
+    if cfg.vllm_tensor_parallel_size < 1:
+        _bad("vllm_tensor_parallel_size", f"must be >= 1, got {cfg.vllm_tensor_parallel_size}")
+    if cfg.vllm_max_model_len <= cfg.max_new_tokens:
+        _bad("vllm_max_model_len", f"must exceed max_new_tokens ({cfg.max_new_tokens}), "
+             f"got {cfg.vllm_max_model_len}")
+    if cfg.rollout_is_cap is not None and cfg.rollout_is_cap <= 0:
+        _bad("rollout_is_cap", f"must be > 0 or null, got {cfg.rollout_is_cap}")
+    if cfg.temperature <= 0:
+        _bad("temperature", f"must be > 0 for training (the policy gradient needs sampling), got {cfg.temperature}")
+    if "{problem}" not in cfg.prompt_template:
+        _bad("prompt_template", "must contain {problem}")
+    if not cfg.rewards:
+        _bad("rewards", "needs at least one reward, e.g. {accuracy: 1.0}")
+    for name, weight in cfg.rewards.items():
+        if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            _bad("rewards", f"entries are name: weight, got {name!r}: {weight!r}")
+    if len(cfg.adam_betas) != 2:
+        _bad("adam_betas", f"needs two values, got {cfg.adam_betas!r}")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Every number finite and in range, and the names the loaders take, before anything loads."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            _bad(f.name, f"must be a finite number, got {value!r}")
+    if not 0 < cfg.learning_rate <= 1:
+        _bad("learning_rate", f"must be in (0, 1] (AdamW moves each weight by about lr per step), got {cfg.learning_rate}")
+    for b in cfg.adam_betas:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
+            _bad("adam_betas", f"each must be a number in [0, 1), got {cfg.adam_betas!r}")
+    if not 0 <= cfg.lora_dropout < 1:
+        _bad("lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_alpha <= 0:
+        _bad("lora_alpha", f"must be > 0, got {cfg.lora_alpha}")
+    if cfg.lora_r and not cfg.lora_target_modules:
+        _bad("lora_target_modules", "needs at least one module name when lora_r > 0")
+    if not all(isinstance(m, str) and m for m in cfg.lora_target_modules):
+        _bad("lora_target_modules", f"must be module names, got {cfg.lora_target_modules!r}")
+    for key in ("min_pixels", "max_pixels", "eval_limit"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            _bad(key, f"must be >= 1 or null, got {getattr(cfg, key)}")
+    if cfg.min_pixels and cfg.max_pixels and cfg.min_pixels > cfg.max_pixels:
+        _bad("min_pixels", f"{cfg.min_pixels} is above max_pixels {cfg.max_pixels}")
+    if not 0 <= cfg.seed < 2**63:
+        _bad("seed", f"must be in [0, 2**63), got {cfg.seed}")
+    if not str(cfg.output_dir).strip():
+        _bad("output_dir", "must name a folder, got an empty string")
+    if cfg.attn_implementation not in ATTENTION:
+        _bad("attn_implementation", f"{cfg.attn_implementation!r} is not one of "
+             f"{', '.join(a for a in ATTENTION if a)} or null")
 
 
 def parse_overrides(items) -> dict:

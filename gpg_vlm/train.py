@@ -33,7 +33,6 @@ import argparse
 import logging
 import math
 import os
-import random
 import shlex
 import signal
 import sys
@@ -44,15 +43,14 @@ import torch
 
 from gpg_vlm import algo
 from gpg_vlm.checkpoint import CheckpointError, checkpoint_to_resume
-from gpg_vlm.collect import Collected, Sampler, TrainingError, resolve_rewards, rollout_metrics
+from gpg_vlm.collect import Collected, TrainingError, rollout_metrics
 from gpg_vlm.config import ConfigError, TrainConfig
 from gpg_vlm.data import DataError
 from gpg_vlm.dist import Processes, full_tensor
 from gpg_vlm.models.adapter import AdapterError
 from gpg_vlm.models.batch import micro_batches
-from gpg_vlm.objective import Objective
 from gpg_vlm.rollout import RolloutError, RolloutSetupError
-from gpg_vlm.run_log import RunLog, peak_memory_mb, quiet_unless_main
+from gpg_vlm.run_log import peak_memory_mb, quiet_unless_main
 from gpg_vlm.tasks import evaluate_rows
 from gpg_vlm.train_setup import SetUp, check_dtype
 from gpg_vlm.train_state import Checkpoints
@@ -84,29 +82,13 @@ class Trainer(SetUp, Checkpoints):
         try:
             self._claim_folder(resume, resume is not None if resuming is None else resuming)
             self._set_up(resume)
+            self._start(resume)
         except BaseException:
             self.close()
             raise
 
-    def _set_up(self, resume: Path | None) -> None:
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        # a bad reward name, or a reward that cannot take (completions, **columns), fails
-        # before anything is loaded
-        rewards = resolve_rewards(cfg)
-        if cfg.rollout == "vllm":  # and so does a missing vLLM
-            from gpg_vlm.rollout.vllm import require_vllm
-
-            require_vllm()
-        self._load_rows()
-        self._load_models(resume)
-        self._check_prompts()
-        self.sampler = Sampler(cfg, self.adapter, self.rollout, self.procs, self.rows, rewards)
-        self.objective = Objective(cfg)
-        self.max_steps = cfg.max_steps
-        if cfg.epochs is not None:
-            self.max_steps = max(1, math.ceil(cfg.epochs * len(self.rows) / cfg.prompts_per_step))
+    def _start(self, resume: Path | None) -> None:
+        """The loop's state at step 0, or at the resumed checkpoint's step."""
         self.step = self.nonfinite = self.saved_step = 0
         self.weights_bad = False  # set when an update left non-finite weights: nothing more is saved
         self.mid_update = False
@@ -114,7 +96,6 @@ class Trainer(SetUp, Checkpoints):
         self.stop_requested = None
         # printed when a signal stops the run; `main` replaces it with the exact command line
         self.resume_command = "gpg-vlm train --config <same config> --resume"
-        self.run_log = RunLog(cfg, self.procs.is_main)
         # True when the policy has weights the rollout engine has not loaded yet (after an
         # update or a resume); the next step loads them before it samples
         self.engine_stale = False

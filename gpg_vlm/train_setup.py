@@ -1,26 +1,33 @@
 """The trainer's set-up: who owns the output folder, the rows, the models, what trains.
 
 `SetUp` holds the steps `Trainer.__init__` runs before the first training step, in order:
-claim the output folder (lock, lineage, a resumed config compared), load the rows, load the
-policy, the reference (only when kl_beta > 0), the optimizer and the rollout engine, then drop
-the rows whose prompts the loaded model cannot take. Nothing here runs after set-up.
+claim the output folder (lock, lineage, a resumed config compared), seed, check the rewards,
+load the rows, load the policy, the reference (only when kl_beta > 0), the optimizer and the
+rollout engine, drop the rows whose prompts the loaded model cannot take, then build what the
+loop calls (the sampler, the objective, the run log). The loop's own state (step counters, a
+resumed checkpoint) is set by `Trainer._start`. Nothing here runs after set-up.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import random
 import sys
 from pathlib import Path
 
 import torch
 
 from gpg_vlm.checkpoint import CheckpointError
+from gpg_vlm.collect import Sampler, resolve_rewards
 from gpg_vlm.config import ConfigError
 from gpg_vlm.data import load_rows
 from gpg_vlm.lora import add_lora
 from gpg_vlm.models.adapter import VLMAdapter
+from gpg_vlm.objective import Objective
 from gpg_vlm.rollout import make_engine
 from gpg_vlm.run_folder import FolderLock, RunFolderError, check_config_change, claim
+from gpg_vlm.run_log import RunLog
 from gpg_vlm.tasks import fitting_rows
 
 
@@ -36,6 +43,28 @@ def check_dtype(dtype: str, device: torch.device) -> None:
 
 class SetUp:
     """Set-up steps of `Trainer` (gpg_vlm.train), which provides cfg, acc, procs and out."""
+
+    def _set_up(self, resume: Path | None) -> None:
+        """After the folder is claimed: seeds, rows, models, then what samples, scores and logs."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        # a bad reward name, or a reward that cannot take (completions, **columns), fails
+        # before anything is loaded
+        rewards = resolve_rewards(cfg)
+        if cfg.rollout == "vllm":  # and so does a missing vLLM
+            from gpg_vlm.rollout.vllm import require_vllm
+
+            require_vllm()
+        self._load_rows()
+        self._load_models(resume)
+        self._check_prompts()
+        self.sampler = Sampler(cfg, self.adapter, self.rollout, self.procs, self.rows, rewards)
+        self.objective = Objective(cfg)
+        self.max_steps = cfg.max_steps
+        if cfg.epochs is not None:
+            self.max_steps = max(1, math.ceil(cfg.epochs * len(self.rows) / cfg.prompts_per_step))
+        self.run_log = RunLog(cfg, self.procs.is_main)
 
     def _claim_folder(self, resume: Path | None, resuming: bool) -> None:
         """Lock output_dir, check a resumed config, and settle this run's lineage (main process)."""

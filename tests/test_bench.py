@@ -16,6 +16,7 @@ from gpg_vlm.rollout import hf, make_engine
 
 bench = checkout_module("bench.harness")  # the harness lives in the checkout's bench/, not the package
 report = checkout_module("bench.report")
+workload = checkout_module("bench.workload")  # what every variant runs: workload, prompt, reward
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
@@ -63,8 +64,8 @@ def test_min_new_tokens_keeps_the_reported_logprobs_those_of_the_policy(adapters
 
 def test_bench_reward_is_the_same_for_plain_and_conversational_completions():
     texts = ["<answer>bag</answer>", "", "x" * 100]
-    plain = bench.bench_reward(texts, solution=["bag"] * 3)
-    chat = bench.bench_reward([[{"role": "assistant", "content": t}] for t in texts])
+    plain = workload.bench_reward(texts, solution=["bag"] * 3)
+    chat = workload.bench_reward([[{"role": "assistant", "content": t}] for t in texts])
     assert plain == chat
     assert all(0.0 <= r < 1.0 for r in plain) and len(set(plain)) == 3
 
