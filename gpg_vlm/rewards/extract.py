@@ -20,7 +20,8 @@ option, the last number) never read reasoning:
 1. "tag": the answer tag, exactly as in strict mode, with one repair: a `<think>` that is never
    closed ends where the first `<answer>` after it begins ("<think> ... <answer>C</answer>"
    reads C; the model forgot `</think>` but did start answering), where strict mode reads the
-   whole rest as reasoning. A closed think block still hides everything in it. A completion
+   whole rest as reasoning. A closed think block still hides everything in it (unless the
+   completion is all reasoning, above). A completion
    that has a tag pair is never read further, even when the tag is empty, so a lenient score
    is never a second chance for a completion that did answer.
 2. "boxed": the content of the last `\\boxed{...}` (braces balanced; `\\fbox{}` too).
