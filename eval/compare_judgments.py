@@ -19,10 +19,16 @@ Every disagreement is checked for evidence, in their own file, that their verdic
 (`authors_error`); agreement is reported over all items and over the items without such
 evidence.
 
+R1-V-style result files (`{"accuracy": ..., "results": [...]}`, as R1-V and Ocean-R1 publish
+them for GeoQA, SuperCLEVR counting, MathVision, MMMU and MathVerse) are recognised by their
+shape and read by `r1v_results.py` (its docstring: the reader, their parsers, and its own
+evidence rules); there the completion is the only text, so `--read` does not apply.
+
 Records without a verdict or an answer are left out; a record `score` refuses as a bad row
 (e.g. an answer that is none of its choices) is counted under `bad_rows`, not compared.
 
     python eval/compare_judgments.py output_gpt4.json [more files...] [--read response] [--show 10]
+    python eval/compare_judgments.py geoqa_test_qwen2vl_7b_grpo_2epochs_legacy.json [--extract strict]
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import r1v_results
 from gpg_vlm.rewards.reasoning import choice_index
 from gpg_vlm.score import score_records
 from gpg_vlm.score_rows import BadRow
@@ -43,11 +50,14 @@ _QUERY_OPTION = re.compile(r"^\(([A-Z])\) (.*)$", re.MULTILINE)
 _INVENTED = re.compile(r"\(([A-Z])\)")
 
 
-def load_records(path: Path) -> list[dict]:
+def load_records(path: Path) -> list[dict] | dict:
+    """MathVista's records (a list), or an R1-V-style file as it is (a dict with "results")."""
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     data = json.loads(text)
+    if isinstance(data, dict) and isinstance(data.get("results"), list):
+        return data
     return list(data.values()) if isinstance(data, dict) else list(data)
 
 
@@ -158,11 +168,16 @@ def _score(rows: list[dict], task: str, extract: str) -> tuple[list, list]:
     return out, bad
 
 
-def compare(records: list[dict], read: str = "extraction", extract: str | None = None) -> dict:
+def compare(records: list[dict] | dict, read: str = "extraction", extract: str | None = None,
+            where: str = "<records>") -> dict:
+    """Agreement of our scoring with the verdicts in `records` (load_records' result)."""
+    if isinstance(records, dict):  # an R1-V-style file: the completion is all there is to read
+        read, rows = "response", r1v_results.rows_of(records, where)
+    else:
+        rows = to_score_rows(records, read)
     extract = extract or ("strict" if read == "extraction" else "lenient")
-    rows = to_score_rows(records, read)
     items, bad_rows = {}, []
-    for task in ("choice", "math"):
+    for task in ("choice", "math", "counting"):
         part = [r for r in rows if r["task"] == task]
         scored, bad = _score(part, task, extract)
         items.update((id(r), s) for r, s in zip(part, scored))
@@ -176,14 +191,14 @@ def compare(records: list[dict], read: str = "extraction", extract: str | None =
         steps[item["extracted_by"]] += 1
         confusion[(ours, r["judged"])] += 1
         if ours != r["judged"]:
-            reason = authors_error(r, item)
+            reason = (r1v_results.authors_error if r.get("source") == "r1v" else authors_error)(r, item)
             if reason:
                 authors_errors[reason] += 1
             disagreements.append({"authors_error": reason,"pid": r["pid"], "ours": ours, "theirs": r["judged"],
                                   "answer_type": r["answer_type"], "extraction": r["extraction"],
                                   "our_answer": item["answer"], "extracted_by": item["extracted_by"],
                                   "prediction": r["prediction"], "solution": r["solution"],
-                                  "choices": r["choices"]})
+                                  "choices": r["choices"], "completion": r["completion"]})
     n = sum(confusion.values())
     agree = confusion[(True, True)] + confusion[(False, False)]
     shown = sum(authors_errors.values())
@@ -199,7 +214,8 @@ def compare(records: list[dict], read: str = "extraction", extract: str | None =
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("files", nargs="+", type=Path, help="MathVista output_*.json (or .jsonl) files")
+    p.add_argument("files", nargs="+", type=Path,
+                   help="MathVista output_*.json (or .jsonl) files, or R1-V-style result files")
     p.add_argument("--read", choices=("extraction", "response", "execution"), default="extraction",
                    help="score their extracted answer, the model's own free-text response, or the "
                         "output of its program (MathVista's program-of-thought runs)")
@@ -210,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results, total, agree, shown = {}, 0, 0, Counter()
     for path in args.files:
-        result = compare(load_records(path), args.read, args.extract)
+        result = compare(load_records(path), args.read, args.extract, where=str(path))
         results[path.name] = result
         total, agree = total + result["n"], agree + round(result["agreement"] * result["n"])
         shown.update(result["authors_errors"])

@@ -61,6 +61,9 @@ def test_bare_answer_is_an_option():
     ("o'clock", "o'clock"),
     ("A-10", "a 10"),
     ("¿Qué?", "qué"),
+    ("A T-shirt", "t shirt"),  # the article goes before a word, even one starting with a letter
+    ("A\nC", "a c"),  # a list of choice letters keeps its "A"
+    ("the B", "the b"),
 ])
 def test_normalize_text(text, expected):
     assert normalize_text(text) == expected

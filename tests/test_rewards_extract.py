@@ -36,8 +36,8 @@ LENIENT = [
     ("The box is [10, 20, 30, 40]", "grounding", ("The box is [10, 20, 30, 40]", "last_line")),
     ("I cannot see a box", "grounding", (None, "none")),
     ("A cat sits there", "choice", (None, "none")),  # an article is not a letter answer
-    ("<think>the answer is 5</think>", "math", (None, "none")),  # never read inside think
-    ("<think>the answer is 5</think>I am not sure.", "math", (None, "none")),
+    ("<think>the answer is 5</think>", "math", ("5", "phrase")),  # all reasoning: its explicit answer
+    ("<think>the answer is 5</think>I am not sure.", "math", (None, "none")),  # else never read inside
     ("", "math", (None, "none")),
 ]
 
@@ -217,3 +217,66 @@ def test_chinese_final_answer_phrases():
     assert lenient_answer("所以∠ADE的度数为36°。\n\n答案:C", "choice", angles) == ("C", "phrase")
     assert lenient_answer("因此，CD的长为5，选项A正确。", "choice", ["5", "6", "8", "10"]) == ("A", "phrase")
     assert lenient_answer("答案是 12", "math") == ("12", "phrase")
+
+
+# ---- a <think> the model never closed ends at its answer tag (lenient only) ----
+
+OPEN_THINK = [
+    # completion, lenient (answer, step); strict reads none of these
+    ("<think> so it is C\n<answer>C</answer>", ("C", "tag")),  # R1-style, "</think>" forgotten
+    ("<think> a </think> b <think> x <answer>D</answer>", ("D", "tag")),  # the trailing open one
+    ("<think> so it is 5", (None, "none")),  # no stated answer: the open block is reasoning
+    ("<think> 40 + 5 = 45\nThus the angle is 45", (None, "none")),  # steps 4-6 never read it
+    ("<think> ... the answer is 5.", ("5", "phrase")),  # an explicit final answer is read
+    ("<think> ... Thus x is \\boxed{25}.", ("25", "boxed")),  # base models that never close
+    ("<think>\\boxed{3}</think> so 4", ("4", "last_line")),  # a closed block stays hidden
+    ("<think>\\boxed{3}</think>", ("3", "boxed")),  # ... unless nothing is outside it
+    ("<think> 5 <answer>", (None, "none")),  # an unclosed answer tag is no answer
+]
+
+
+@pytest.mark.parametrize("completion,expected", OPEN_THINK)
+def test_open_think_ends_at_the_answer_tag_in_lenient_mode_only(completion, expected):
+    assert lenient_answer(completion, "math") == expected
+    assert extract(completion, "strict") == (None, "none")
+
+
+def test_closed_think_hides_its_answer_unless_the_completion_is_all_reasoning():
+    # strict (the training reward) never reads a closed think block: the check-reward hack
+    # "the answer only inside <think>" scores 0 there
+    for completion in ("<think><answer>5</answer></think>", "<think><answer>5</answer></think> 7"):
+        assert extract(completion, "strict") == (None, "none")
+    # lenient reads it only when the model wrote nothing else, and only an explicit answer
+    assert lenient_answer("<think><answer>5</answer></think> 7", "math") == ("7", "last_line")
+    assert lenient_answer("<think>so <answer>5</answer>\n</think>", "math") == ("5", "tag")
+    assert lenient_answer("<think>Thus x is \\boxed{22}.</think>", "math") == ("22", "boxed")
+    assert lenient_answer("<think>so it is 5</think>", "math") == (None, "none")  # no last-line guess
+    answer, _ = lenient_answer("<think>it is 40, so <answer>30</answer></think>", "math")
+    assert reasoning_reward([as_tagged(answer)], ["40"]) == [0.0]  # a wrong answer still scores 0
+    assert reasoning_reward([as_tagged(answer)], ["30"]) == [1.0]  # control
+
+
+def test_open_think_repair_does_not_make_a_wrong_answer_right():
+    answer, _ = lenient_answer("<think> it is 40, so\n<answer>30</answer>", "math")
+    assert answer == "30"
+    assert reasoning_reward([as_tagged(answer)], ["40"]) == [0.0]
+    assert reasoning_reward([as_tagged(answer)], ["30"]) == [1.0]  # control
+
+
+# ---- LaTeX units after a number (both modes: it is in the normalisation) ----
+
+UNITS = [("48", "48 \\mathrm{cm}^3"), ("127.2", "Volume $=127.2 \\mathrm{~cm}^{3}$"),
+         ("32cm³", "32 \\mathrm{cm}^3"), ("254.47", "254.47 \\mathrm{~cm}^{2}")]
+
+
+@pytest.mark.parametrize("answer,solution", UNITS)
+def test_a_latex_unit_with_an_exponent_is_a_unit(answer, solution):
+    assert value_of(solution) == pytest.approx(value_of(answer))
+    assert reasoning_reward([f"<answer>{answer}</answer>"], [solution]) == [1.0]
+    wrong = str(value_of(answer) + 1)
+    assert reasoning_reward([f"<answer>{wrong}</answer>"], [solution]) == [0.0]
+
+
+def test_an_exponent_after_a_space_keeps_its_value():
+    assert value_of("2 ^3") == value_of("2^3") == 8.0
+    assert value_of("5 \\mathrm{x}^2") is None  # a one-letter word is a variable, not a unit

@@ -190,3 +190,9 @@ def test_choices_column_per_row():
 def test_value_of(text, expected):
     got = value_of(text)
     assert (got is None) if expected is None else close(got, expected, 1e-12)
+
+
+def test_a_multi_letter_solution_is_not_its_last_letter():
+    # "A\nC" once normalised to "c" (the "A" read as an article), so "C" alone scored
+    assert not answers_match("C", "A\nC")
+    assert answers_match("A C", "A\nC")

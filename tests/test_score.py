@@ -211,3 +211,75 @@ def test_authors_error_when_their_extraction_misses_the_stated_answer():
     assert authors_error(row, {"answer": "C", "extracted_by": "phrase"}) == "extraction_misses_stated_answer"
     # read from the last line only, the answer is not a stated one: no claim
     assert authors_error(row, {"answer": "C", "extracted_by": "last_line"}) is None
+
+
+def _r1v():
+    sys.path.insert(0, str(ROOT / "eval"))
+    try:
+        import compare_judgments
+        import r1v_results
+    finally:
+        sys.path.pop(0)
+    return compare_judgments, r1v_results
+
+
+def _counting_record(truth, output, extracted):
+    return {"question": {"question": "How many items are there?", "ground_truth": truth},
+            "ground_truth": truth, "model_output": output, "extracted_answer": extracted}
+
+
+def test_r1v_style_counting_file_recomputes_the_authors_rule_and_checks_their_total():
+    """R1-V's counting files carry no verdict: right iff their extracted number is the truth."""
+    compare_judgments, r1v_results = _r1v()
+    data = {"accuracy": 50.0, "results": [
+        _counting_record(4, "<think>four things</think>\n<answer>\n4\n</answer>", 4),
+        _counting_record(9, "<think>\nA. 10\n</think>\n<answer>10</answer>", 10),
+        _counting_record(3, "<answer>3 items</answer>", None)]}  # their regex wants digits alone
+    with pytest.raises(ValueError, match="accuracy"):  # 1 of 3 is not the file's 50%
+        r1v_results.rows_of(data, "f.json")
+    data["accuracy"] = 100 / 3
+    result = compare_judgments.compare(data, where="f.json")
+    assert result["n"] == 3 and result["read"] == "response" and result["extract"] == "lenient"
+    assert [d["pid"] for d in result["disagreements"]] == [2]  # "3 items" is 3 to us, 0 to them
+    # their regex wants digits alone, so they recorded no answer; the tag states 3
+    assert result["disagreements"][0]["authors_error"] == "nothing_extracted"
+    assert compare_judgments.compare(data, extract="strict")["agreement"] == pytest.approx(2 / 3)
+
+
+def test_r1v_style_options_from_a_list_a_string_or_the_question():
+    _, r1v_results = _r1v()
+    base = {"model_output": "<answer>B</answer>", "ground_truth": "B", "is_correct": True}
+    records = [{**base, "options": ["7", "11"]}, {**base, "options": "['7', '11']"},
+               {**base, "problem": "Find x.\nChoices:\nA:7\nB:11"},
+               {**base, "ground_truth": "11", "options": []}]  # an open question
+    rows = r1v_results.rows_of({"accuracy": 100.0, "results": records}, "f.json")
+    assert [r["task"] for r in rows] == ["choice", "choice", "choice", "math"]
+    assert [r["choices"] for r in rows[:3]] == [["7", "11"]] * 3
+
+
+R1V_ERRORS = [
+    # (their extraction, judged), (our answer, step), ground truth, choices, completion -> class
+    (("11", False), ("11", "tag"), "B", ["7", "11"], "<answer>11</answer>", "option_text_not_letter"),
+    (("7", False), ("7", "tag"), "B", ["7", "11"], "<answer>7</answer>", None),  # control: wrong option
+    (("4.0", False), ("4.0", "tag"), "4", None, "<answer>4.0</answer>", "answer_equals_truth"),
+    (("", False), ("9", "boxed"), "9", None, "so \\boxed{9}", "nothing_extracted"),
+    (("5", True), ("5", "tag"), "5√{3}", None, "<answer>5</answer>", "truth_misread"),
+    (("6", True), ("6.0", "tag"), "6√{2}-6", None, "<answer>6.0</answer>", "truth_misread"),
+    (("7", True), ("7", "tag"), "5√{3}", None, "<answer>7</answer>", None),  # control: not 5
+    (("\\sqrt{3}", False), ("\\sqrt{3}", "tag"), "√{3}", None, "<answer>\\sqrt{3}</answer>",
+     "answer_equals_truth"),  # the same value as the truth, which their verifier misread
+    (("[31.0, '31.0']", False), ("62°", "tag"), "62°", None, "31.0 so\n<answer>62°</answer>",
+     "extraction_not_the_final_answer"),
+    (("28", True), ("31°", "tag"), "28°", None, "28 so\n<answer>31°</answer>", "extraction_not_the_final_answer"),
+    (("31", True), ("31°", "last_line"), "31°", None, "angle is 31°", None),  # control: no stated answer
+    (("2", True), (None, "none"), "2", None, "<think>so it is 2", "credited_without_an_answer"),
+    (("2", True), (None, "none"), "2", None, "<think>so it is \\boxed{2}</think>", None),  # closed think
+]
+
+
+@pytest.mark.parametrize("theirs,ours,truth,choices,completion,expected", R1V_ERRORS)
+def test_r1v_authors_error_needs_evidence(theirs, ours, truth, choices, completion, expected):
+    _, r1v_results = _r1v()
+    row = {"extraction": theirs[0], "judged": theirs[1], "solution": truth, "choices": choices,
+           "completion": completion}
+    assert r1v_results.authors_error(row, {"answer": ours[0], "extracted_by": ours[1]}) == expected

@@ -1,14 +1,16 @@
-"""`full_weights`: what the vLLM engine is given after each step, checked without vLLM.
+"""`full_weights` / `checkpoint_weights`: what the vLLM engine is given, checked without vLLM.
 
 The engine loads checkpoint-named full tensors: a LoRA policy must arrive merged (base weight
 plus the adapter's delta, under the base name, no lora_* entries), a plain policy unchanged,
-and a tied output layer under both of its names.
+a tied output layer under both of its names, and qwen3_vl_moe's fused experts in the released
+checkpoints' layout - the one transformers converts from when it loads them.
 """
 
 import torch
 
 from gpg_vlm.models.adapter import VLMAdapter
 from gpg_vlm.rollout.vllm import full_weights
+from gpg_vlm.rollout.vllm_weights import checkpoint_weights
 
 
 def test_plain_policy_weights_are_its_state_dict(tiny_dirs):
@@ -52,3 +54,33 @@ def test_the_gpu_vllm_config_loads_with_its_engine_settings():
     cfg = TrainConfig.from_yaml(str(Path(__file__).parent.parent / "configs/gpu/qwen25vl3b_geoqa_vllm.yaml"))
     assert (cfg.rollout, cfg.dtype, cfg.vllm_sleep) == ("vllm", "bfloat16", True)
     assert (cfg.vllm_gpu_memory_utilization, cfg.vllm_tensor_parallel_size, cfg.vllm_max_model_len) == (0.3, 1, 2048)
+
+
+def test_qwen3_vl_moe_experts_are_handed_over_in_the_released_layout(tmp_path):
+    """Released qwen3_vl_moe checkpoints hold gate_up_proj as (E, H, 2I) and down_proj as
+    (E, I, H), transposed against transformers' (E, 2I, H) and (E, H, I) (its conversion mapping
+    transposes them on load); vLLM reads the released layout. Size m: no square expert matrix,
+    so each layout has its own shape (the exact parity is in tests/test_vllm_families.py)."""
+    from gpg_vlm.tiny import make_tiny_model
+
+    model = VLMAdapter.from_pretrained(make_tiny_model("qwen3_vl_moe", "m", tmp_path / "m"),
+                                       device="cpu").model
+    text = model.config.text_config
+    e, h, i = text.num_experts, text.hidden_size, text.moe_intermediate_size
+    state, given = model.state_dict(), dict(checkpoint_weights(model))
+    assert given.keys() == state.keys()
+    experts = [k for k in state if ".mlp.experts." in k]
+    assert len(experts) == 2 * text.num_hidden_layers
+    for name in experts:
+        released = (e, h, 2 * i) if name.endswith("gate_up_proj") else (e, i, h)
+        assert given[name].shape == released and torch.equal(given[name], state[name].transpose(1, 2))
+    assert all(torch.equal(given[k], state[k]) for k in state if k not in experts)
+
+
+def test_other_families_are_handed_over_as_held(tiny_dirs):
+    """Only qwen3_vl_moe's experts are converted: vLLM reads qwen3_5_moe's fused experts as
+    transformers holds them (checked in the engine, tests/test_vllm_families.py)."""
+    model = VLMAdapter.from_pretrained(tiny_dirs("qwen3_5_moe"), device="cpu").model
+    held = dict(full_weights(model))
+    given = dict(checkpoint_weights(model))
+    assert given.keys() == held.keys() and all(torch.equal(given[k], held[k]) for k in held)

@@ -4,7 +4,9 @@ Matching is exact after `normalize_text`: Unicode NFKC and case folding, `_` and
 as spaces, runs of whitespace collapsed, punctuation and symbols stripped from both ends
 (so "**Cat.**" and "'cat'" are "cat"; inner punctuation such as "o'clock" stays), and one
 leading article ("a", "an", "the") dropped when a word starting with a letter follows it
-(so "A-10" stays "a 10"). The same normalisation is applied to every accepted name.
+(so "A-10" stays "a 10"), except before nothing but single letters: "A C" is a list of
+choice letters (also one per line), not "C". The same normalisation is applied to every
+accepted name.
 
 Consequences, on purpose: an answer naming two classes ("cat or dog", "cat, dog") never
 equals one name and scores 0, whatever the classes are; so does an empty answer; a class name
@@ -20,6 +22,7 @@ from gpg_vlm.rewards._columns import check_columns, per_item
 from gpg_vlm.rewards.answer import extract_answer
 
 _ARTICLE = re.compile(r"(?:a|an|the) (?=[^\W\d_])")
+_LETTERS = re.compile(r"[^\W\d_](?: [^\W\d_])*")  # "c", "b d": choice letters, no words
 
 
 def _is_edge_noise(ch: str) -> bool:
@@ -37,7 +40,9 @@ def normalize_text(text: str) -> str:
         end -= 1
     text = text[start:end]
     m = _ARTICLE.match(text)
-    return text[m.end():] if m else text
+    if m is None or _LETTERS.fullmatch(text[m.end():]):
+        return text
+    return text[m.end():]
 
 
 def accepted_names(solution) -> set[str]:

@@ -9,10 +9,21 @@ outside `<think>` blocks; anything else has no answer. Step name "tag" (or "none
 
 lenient — for models that do not follow the answer format (base models, other projects'
 published outputs). The first of these steps that finds something wins; every step reads only
-the text outside `<think>` blocks, as the training reward does:
-1. "tag": the answer tag, exactly as in strict mode. A completion that has a tag pair is never
-   read further, even when the tag is empty, so a lenient score is never a second chance for
-   a completion that did answer.
+the text outside `<think>` blocks, as the training reward does, with two exceptions for models
+that put everything in their reasoning: steps 2 and 3 also read a `<think>` left open to the
+end (a base model that opens one and never closes it, then ends "The final answer is
+\\boxed{40}."), and steps 1-3 read the last think block of a completion that writes nothing
+outside its think blocks ("<think>... so the answer is <answer>B</answer></think>"). An
+explicit answer (a tag, a box, a final-answer phrase) is the model's answer wherever it
+wrote it when it wrote nothing else; the guesses of steps 4-6 (an opening letter, a named
+option, the last number) never read reasoning:
+1. "tag": the answer tag, exactly as in strict mode, with one repair: a `<think>` that is never
+   closed ends where the first `<answer>` after it begins ("<think> ... <answer>C</answer>"
+   reads C; the model forgot `</think>` but did start answering), where strict mode reads the
+   whole rest as reasoning. A closed think block still hides everything in it (unless the
+   completion is all reasoning, above). A completion
+   that has a tag pair is never read further, even when the tag is empty, so a lenient score
+   is never a second chance for a completion that did answer.
 2. "boxed": the content of the last `\\boxed{...}` (braces balanced; `\\fbox{}` too).
 3. "phrase": the last explicit final-answer phrase — "the (final/correct) answer is X",
    "answer: X", "the correct option/choice is X", "is option (X)", "final answer X", and the
@@ -98,6 +109,8 @@ _LETTER_THEN_TEXT = re.compile(r"\(?([A-Z])(?:\)|[.:]|(?=\s))[.:]?\s+(\S.*)", re
 _LEAD = re.compile(r"\s*[*_`]*(?:\(([A-Z])\)|([A-Z])(?:[.):,]|\s+-\s|[*_`]*\s*$))")
 _CJK_LETTER = re.compile(r"\(?([A-Z])\)?\s*(?=[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]|$)")
 _WORDY = re.compile(r"[A-Za-z]{3,}")
+_THINK_TAG = re.compile(r"</?think>", re.IGNORECASE)
+_OPEN_ANSWER = re.compile(r"<answer>", re.IGNORECASE)
 
 
 def _boxed(text: str) -> str | None:
@@ -277,14 +290,49 @@ def _choice_steps(text: str, choices):
     yield "option_text", None if index is None else str(choices[index])
 
 
+def _close_open_think(text: str) -> str:
+    """`text` with a never-closed trailing `<think>` closed just before the first `<answer>`
+    after it (lenient step 1); unchanged when there is no such think or no such answer tag."""
+    tags = list(_THINK_TAG.finditer(text))
+    if not tags or tags[-1].group(0)[1] == "/":
+        return text
+    answer = _OPEN_ANSWER.search(text, tags[-1].end())
+    return text if answer is None else text[:answer.start()] + "</think>" + text[answer.start():]
+
+
+def _open_think_shown(text: str) -> str:
+    """`text` without the `<think>` tag of a block left open to the end, so that its content
+    is visible; closed blocks are untouched."""
+    tags = list(_THINK_TAG.finditer(text))
+    if not tags or tags[-1].group(0)[1] == "/":
+        return text
+    return text[:tags[-1].start()] + " " + text[tags[-1].end():]
+
+
+def _last_think_block(text: str) -> str:
+    """The content of the last think block of a completion that is all reasoning, as an open
+    block (so that steps 1-3 read it and steps 4-6 do not); "" when there is none."""
+    tags = list(_THINK_TAG.finditer(text))
+    opens = [m for m in tags if m.group(0)[1] != "/"]
+    if not opens:
+        return text
+    close = next((m for m in tags if m.group(0)[1] == "/" and m.start() > opens[-1].start()), None)
+    inner = text[opens[-1].end():close.start() if close else len(text)]
+    return "<think>" + _close_open_think("<think>" + inner)[len("<think>"):]
+
+
 def lenient_answer(completion, task: str = "math", choices=None, question=None) -> tuple[str | None, str]:
     """(answer, step) by the lenient steps of the module docstring; never raises."""
-    tagged = extract_answer(completion)
+    full = _close_open_think(completion_text(completion))
+    if not strip_think(full).strip():  # all reasoning: steps 1-3 read its last think block
+        full = _last_think_block(full)
+    tagged = extract_answer(full)
     if tagged is not None:
         return tagged, "tag"
-    text = _SPECIAL.sub(" ", strip_think(completion_text(completion))[-MAX_SCAN:])
+    text = _SPECIAL.sub(" ", strip_think(full)[-MAX_SCAN:])
+    stated = _SPECIAL.sub(" ", strip_think(_open_think_shown(full))[-MAX_SCAN:])  # steps 2 and 3
     choices = [str(c) for c in choices] if isinstance(choices, (list, tuple)) and choices else None
-    for step, answer in (("boxed", _boxed(text)), ("phrase", _phrase(text))):
+    for step, answer in (("boxed", _boxed(stated)), ("phrase", _phrase(stated))):
         answer = _tidy(answer) if answer else answer
         if answer and step == "phrase" and task in ("math", "counting") and not choices:
             answer = _sole_number(answer, question)

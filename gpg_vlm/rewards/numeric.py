@@ -7,7 +7,8 @@ unbounded. Steps:
    (`$`, `\\(`, `\\left`, `\\,` ...) removed, `\\text{..}`/`\\mathrm{..}` unwrapped, degree
    marks (°, ^\\circ, \\degree) and % removed, × · \\cdot -> *, ÷ \\div -> /, − -> -,
    \\sqrt and the plain-text word "sqrt" -> √ (so "2sqrt(3)" reads as "2√{3}"), \\pi and "pi"
-   -> π, \\dfrac/\\tfrac -> \\frac.
+   -> π, \\dfrac/\\tfrac -> \\frac, and no space before a "^" (so the unit "\\mathrm{cm}^3",
+   unwrapped, stays one word "cm^3").
 2. Framing: a leading "the (final) answer is" / "answer:" is dropped; if the text holds "=",
    only what follows the last "=" is read ("x = 5", "∠C = 180 - 40 = 140").
 3. Thousands separators: commas in groups of three ("12,345.6"); "3,5" is not a number.
@@ -46,6 +47,7 @@ _REPLACEMENTS = [
     ("\\sqrt", "√"), ("\\pi", "π"),
 ]
 _UNWRAP = re.compile(r"\\(?:text|mathrm|mbox|textrm|operatorname)\s*\{([^{}]*)\}")
+_BEFORE_EXPONENT = re.compile(r"\s+(?=\^)")
 _PREFIX = re.compile(
     r"^(?:the\s+)?(?:final\s+|correct\s+)?answer\s*(?:is\b\s*(?::\s*)?|:\s*)", re.I
 )
@@ -82,6 +84,7 @@ def clean(text: str) -> str:
     for old, new in _REPLACEMENTS:
         text = text.replace(old, new)
     text = _UNWRAP.sub(r" \1 ", text)
+    text = _BEFORE_EXPONENT.sub("", text)  # "\\mathrm{cm}^3" unwrapped is "cm ^3": one unit word
     text = _PREFIX.sub("", text.strip())
     if "=" in text:
         text = text.rsplit("=", 1)[1]

@@ -1,11 +1,14 @@
 """VLLMRollout: the G completions per prompt sampled by a vLLM engine in this process (colocated).
 
-The engine is built once from the model directory and holds its own copy of the weights; the
-trainer calls `sync_weights(model)` after every optimizer step, which loads the policy's
-current weights (full tensors: FSDP2 shards gathered, LoRA deltas merged) through vLLM's
-`reload_weights` and then resets every cache that could still answer from the old weights: the
-prefix (KV) cache, whose blocks are keyed by token ids only, the encoder cache of image features
-and the multi-modal processor cache.
+The engine is built once, with the model directory's config, tokenizer and processor and the
+policy's weights handed over in memory (vllm_weights.POLICY_LOAD_FORMAT: the directory's weight
+files are never read, so their layout does not matter). The trainer calls `sync_weights(model)`
+after every optimizer step, which loads the policy's current weights (full tensors: FSDP2
+shards gathered, LoRA deltas merged, per family in the released checkpoints' layout, see
+vllm_weights.CHECKPOINT_LAYOUT) through vLLM's `reload_weights`, repacks what vLLM's CPU MoE
+kernel reads packed (vllm_weights.repack_cpu_moe), and then resets every cache that could
+still answer from the old weights: the prefix (KV) cache, whose blocks are keyed by token ids
+only, the encoder cache of image features and the multi-modal processor cache.
 
 What makes its samples the policy's own:
 - Prompts are the adapter's: its token ids (each image's run of `<|image_pad|>` collapsed to the
@@ -38,11 +41,13 @@ Side effects of an engine in this process, on CPU: vLLM's CPU worker replaces
 engine's distributed state (a one-process gloo group, unless the trainer already has one) is
 torn down by `close`.
 
-Families refused at start (check_servable, one line): qwen3_vl_moe everywhere (its fused expert
-weights are laid out transposed between transformers 5 and vLLM, see UNSERVED), qwen3_5_moe
-(sampled off its model, see UNSERVED), and qwen3_5 on CPU unless bfloat16 with linear-attention
-head dims 64 or 128 (vLLM's CPU Gated DeltaNet kernel); the three dense families are served and
-tested (tests/test_vllm_rollout.py), qwen3_5 in bfloat16 (tests/test_vllm_families.py).
+Families: all six are served. Refused at start (check_servable, one line): qwen3_5 and
+qwen3_5_moe on CPU unless bfloat16 with linear-attention head dims 64 or 128 (vLLM's CPU Gated
+DeltaNet kernel). The three dense families are tested in fp32 (tests/test_vllm_rollout.py);
+qwen3_vl_moe in fp32, and qwen3_5, qwen3_5_moe and qwen3_vl_moe in bfloat16 in
+tests/test_vllm_families.py, where the MoE families' bf16 results carry one caveat of their own:
+where two router logits are closer than bf16 noise, the engine and the training forward may pick
+different experts for a token (measured there; `rollout_logprob_diff` shows it in a run).
 
 Deliberately left out: a separate vLLM server process, stop strings, beam search, and
 per-request LoRA in vLLM (LoRA is merged into the weights that are synced).
@@ -58,21 +63,21 @@ import torch
 
 from gpg_vlm.models.batch import PromptBatch, Rollout
 from gpg_vlm.rollout import RolloutError, RolloutSetupError
+from gpg_vlm.rollout.vllm_weights import (POLICY_LOAD_FORMAT, checkpoint_weights, full_weights,
+                                          repack_cpu_moe, starting_from)
 
 INSTALL_HINT = ("pip install 'gpg_vlm[vllm]' (GPU), or build the CPU environment with "
                 "`make test-vllm` (tools/vllm_venv.sh)")
 
 
-# Families vLLM 0.32 runs but this engine cannot feed correctly, with the reason (found by trying)
-UNSERVED = {
-    "qwen3_vl_moe": "transformers 5 holds its fused expert weights as (E, 2I, H) and (E, H, I) and "
-                    "saves them so, while vLLM reads them transposed as the released checkpoints "
-                    "store them, so neither a checkpoint saved by transformers nor the weight sync "
-                    "would load right",
-    "qwen3_5_moe": "vLLM samples its checkpoints with log-probs up to 2.2 nats off the model's own "
-                   "in bfloat16 (its MoE blocks; measured on tiny checkpoints, cause not isolated), "
-                   "so the samples would not be the policy's",
-}
+# Families vLLM 0.32 runs but this engine cannot feed correctly, with the reason (found by
+# trying); none at present: the MoE families' layouts and vLLM's CPU MoE repacking are handled
+# in vllm_weights (tests/test_vllm_families.py)
+UNSERVED: dict[str, str] = {}
+# Config values vLLM reads that transformers' config of the family lacks, with transformers' own
+# behaviour: transformers 5's qwen3_vl_moe router always renormalises its top-k weights (and its
+# config has no norm_topk_prob), while vLLM's qwen3_vl_moe reads norm_topk_prob and fails without it
+HF_OVERRIDES = {"qwen3_vl_moe": {"text_config": {"norm_topk_prob": True}}}
 # Hybrid families whose Gated DeltaNet layers vLLM's CPU build runs only in bfloat16, and only
 # with linear-attention head dims of 64 or 128 ("Unexpected head dim size" at the first generate)
 GDN_FAMILIES = ("qwen3_5", "qwen3_5_moe")
@@ -129,6 +134,9 @@ def _llm_options(adapter, model_dir, seed, gpu_memory_utilization, sleep, tensor
     cuda = torch.cuda.is_available()
     options = dict(
         model=str(model_dir), tokenizer=str(model_dir), seed=seed,
+        # the policy's weights, handed over in memory (vllm_weights.starting_from): the
+        # directory's weight files are never read (their layout need not be vLLM's)
+        load_format=POLICY_LOAD_FORMAT,
         dtype=str(adapter.model.dtype).removeprefix("torch."),
         max_model_len=max_model_len,
         # the log-probs of the tempered, masked distribution: the training forward's
@@ -142,6 +150,9 @@ def _llm_options(adapter, model_dir, seed, gpu_memory_utilization, sleep, tensor
         enforce_eager=not cuda,  # the CPU build has no graph capture
         tensor_parallel_size=tensor_parallel_size,
     )
+    family = getattr(adapter.model.config, "model_type", "")
+    if family in HF_OVERRIDES:
+        options["hf_overrides"] = HF_OVERRIDES[family]
     if cuda:
         options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
     return options
@@ -165,6 +176,9 @@ class VLLMRollout:
         # colocated: the engine runs in this process, so weights are handed over in memory and
         # its sampler's RNG is this process's (reseeded per call, see generate)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":  # the start hands weights in memory
+            raise RolloutSetupError("rollout: vllm runs its engine in the training process: unset "
+                                    "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)")
         # the CPU engine's KV cache size in GiB (its default would take a share of RAM)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         from vllm import LLM
@@ -179,12 +193,12 @@ class VLLMRollout:
         if not self._owns_dist:  # inside the trainer's own process group (torchrun / accelerate)
             options["distributed_executor_backend"] = "external_launcher"
         try:
-            self.llm = LLM(**options)
+            with starting_from(list(checkpoint_weights(adapter.model))):
+                self.llm = LLM(**options)
         except Exception as exc:  # noqa: BLE001 - vLLM's start-up errors vary; one line says which
             raise RolloutSetupError(f"rollout: vllm could not start on {model_dir}: "
                                     f"{type(exc).__name__}: {_first_line(exc)}") from exc
         self._asleep: set[str] = set()
-        self.sync_weights(adapter.model)  # the policy may differ from the directory (resume, LoRA)
         self._sleep()
 
     # ---------------------------------------------------------------- sampling
@@ -271,11 +285,12 @@ class VLLMRollout:
     @torch.no_grad()
     def sync_weights(self, model) -> None:
         """Load `model`'s current weights into the engine and drop everything computed with the old ones."""
-        weights = list(full_weights(model))
+        weights = list(checkpoint_weights(model))
         self._wake("weights")
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                               "is_checkpoint_format": True})
+            self.llm.collective_rpc(repack_cpu_moe)  # vLLM's CPU MoE kernel: see vllm_weights
             # reload_weights clears the worker's encoder cache; the scheduler keeps its own
             # record of cached encoder outputs, and the prefix cache is keyed by tokens only
             self.llm.llm_engine.reset_encoder_cache()
@@ -330,32 +345,6 @@ def _by_request(outputs, n: int, first_id: int | None) -> list:
                                f"of this call's {first_id}..{first_id + n - 1} (or twice)")
         placed[i] = out
     return placed
-
-
-def full_weights(model):
-    """(name, tensor) for every weight of `model` under its checkpoint names, as full tensors.
-
-    LoRA layers injected by peft (`<module>.base_layer.weight` + `lora_A` / `lora_B`) are
-    merged: the base weight plus each active adapter's delta, under `<module>.weight`. Sharded
-    tensors (FSDP2 DTensors) are gathered. Tied weights appear under both names, so an engine
-    that keeps its output layer apart from the embedding (vLLM's CPU build repacks it) gets both.
-    """
-    lora = {name: m for name, m in model.named_modules()
-            if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")}
-    for name, tensor in model.state_dict(keep_vars=False).items():
-        if ".lora_" in name:
-            continue
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        if ".base_layer." in name:
-            module_name, _, leaf = name.partition(".base_layer.")
-            module = lora[module_name]
-            if leaf == "weight":
-                for adapter_name in module.active_adapters:
-                    if adapter_name in module.lora_A:
-                        tensor = tensor + module.get_delta_weight(adapter_name).to(tensor.dtype)
-            name = f"{module_name}.{leaf}"
-        yield name, tensor.detach()
 
 
 @contextmanager
