@@ -39,9 +39,8 @@ reset or beam reordering (the rollout never calls them).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import functools
+from typing import Callable
 
 import torch
 
