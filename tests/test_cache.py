@@ -152,3 +152,103 @@ def test_unknown_layer_types_are_refused():
         C.repeat(sliding, 2)
     with pytest.raises(C.CacheNotIndexable):
         C.select(object(), torch.tensor([0]))
+
+
+INTO_BUFFER = C._into_buffer
+
+
+def rows_not_moved(buffer, moved):
+    """A planted bug: dropping rows shrinks the view but leaves the buffer's rows where they were."""
+    if moved.shape[0] < buffer.shape[0]:
+        return buffer[:moved.shape[0], :, :moved.shape[-2]], buffer
+    return INTO_BUFFER(buffer, moved)
+
+
+def decode_steps(model, reserve: bool, capacity: int = 13):
+    """Hidden states (6, 4, H) of 4 tokens decoded one by one after 2 prompts repeated 3 times,
+    rows [4, 1, 0] kept after the second; with the plain or the reserved cache; and the cache."""
+    prompts, pm, _, _, _ = inputs()
+    cache = model.model(input_ids=prompts, attention_mask=pm, position_ids=positions(pm),
+                        use_cache=True).past_key_values
+    C.repeat(cache, 3)
+    if reserve:
+        C.reserve(cache, capacity)
+    mask = pm.repeat_interleave(3, 0)  # (6, L)
+    nxt = torch.arange(20, 44).view(6, 4)  # (6, 4) the tokens fed
+    rows, out = torch.arange(6), torch.zeros(6, 4, model.config.get_text_config().hidden_size)
+    for step in range(4):
+        if step == 2:
+            keep = torch.tensor([4, 1, 0])
+            C.select(cache, keep)
+            rows, mask = rows[keep], mask[keep]
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
+        out[rows, step] = model.model(
+            input_ids=nxt[rows, step:step + 1], attention_mask=mask,
+            position_ids=positions(mask)[:, :, -1:], past_key_values=cache,
+            use_cache=True).last_hidden_state[:, -1]
+    return out, cache
+
+
+@pytest.mark.parametrize("family", ("qwen2_vl", "qwen3_5"))
+def test_reserved_cache_decodes_like_the_concatenating_one(models, family, monkeypatch):
+    """Writing into reserved buffers (rows dropped in place) == transformers' concatenation."""
+    model = models(family)
+    with torch.no_grad():
+        plain, _ = decode_steps(model, reserve=False)
+        reserved, cache = decode_steps(model, reserve=True)
+        assert (plain - reserved).abs().max() < 1e-5
+        layers = [layer for layer in cache.layers if hasattr(layer, "key_buffer")]
+        assert layers and all(layer.keys.shape == (3, layer.keys.shape[1], 13, layer.keys.shape[3])
+                              for layer in layers)  # 9 prompt + 4 decoded positions: full
+        # the attention reads the buffer in place: no copy per token
+        assert all(layer.keys.data_ptr() == layer.key_buffer.data_ptr() for layer in layers)
+        with pytest.raises(RuntimeError, match="capacity 12"):
+            decode_steps(model, reserve=True, capacity=12)
+        monkeypatch.setattr(C, "_into_buffer", rows_not_moved)  # negative control
+        wrong, _ = decode_steps(model, reserve=True)
+        assert (plain - wrong).abs().max() > 100 * TOL
+
+
+def test_reserving_keeps_one_buffer_while_decoding(models):
+    """The buffers are allocated once by reserve; decoding and dropping rows reuse them."""
+    model = models("qwen2_vl")
+    prompts, pm, _, _, _ = inputs()
+    with torch.no_grad():
+        cache = model.model(input_ids=prompts, attention_mask=pm, position_ids=positions(pm),
+                            use_cache=True).past_key_values
+        C.reserve(cache, 12)
+        buffers = [layer.key_buffer.data_ptr() for layer in cache.layers]
+        mask = pm
+        for step, keep in enumerate((None, torch.tensor([1]), None)):
+            if keep is not None:
+                C.select(cache, keep)
+                mask = mask[keep]
+            mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=torch.long)], 1)
+            model.model(input_ids=torch.full((len(mask), 1), 30 + step), attention_mask=mask,
+                        position_ids=positions(mask)[:, :, -1:], past_key_values=cache,
+                        use_cache=True)
+        assert [layer.key_buffer.data_ptr() for layer in cache.layers] == buffers
+        assert cache.get_seq_length() == 12
+
+
+def test_one_token_completions_run_the_prompt_and_the_continuation(adapters):
+    """The training forward runs the decoder twice per micro-batch whatever T is: under FSDP2
+    each run gathers every layer, so a process whose completions all have one token must not
+    skip the continuation while another runs it (the collectives would no longer pair up)."""
+    from helpers import mixed_samples
+
+    adapter = adapters("qwen2_vl")
+    batch = adapter.encode(mixed_samples()[:2])
+    prompt_index = torch.tensor([0, 0, 1, 1])
+    ids = torch.tensor([[5, 9, 7], [6, 9, 7], [7, 9, 7], [8, 9, 7]])  # (b, T)
+    calls = []
+    hook = adapter.model.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            one = adapter.logprobs(batch, prompt_index, ids[:, :1], torch.ones(4, 1))
+            assert len(calls) == 2
+            three = adapter.logprobs(batch, prompt_index, ids, torch.ones(4, 3))
+            assert len(calls) == 4
+    finally:
+        hook.remove()
+    assert one.shape == (4, 1) and (one[:, 0] - three[:, 0]).abs().max() < TOL

@@ -118,11 +118,11 @@ def test_flash_attention_matches_sdpa(checkpoints, family):
 
 def test_a_cpu_generator_samples_cuda_probabilities_like_on_the_cpu(checkpoints):
     """The trainer seeds a CPU generator; sampling on CUDA must accept it and draw the same."""
-    from gpg_vlm.rollout.hf import _sample
+    from gpg_vlm.rollout.hf import _sample, _uniforms
 
     probs = torch.softmax(torch.randn(6, 50, generator=torch.Generator().manual_seed(0)), -1)
-    on_cpu = _sample(probs, torch.Generator().manual_seed(3))
-    on_cuda = _sample(probs.cuda(), torch.Generator().manual_seed(3))
+    on_cpu = _sample(probs, _uniforms(6, torch.Generator().manual_seed(3), "cpu"))
+    on_cuda = _sample(probs.cuda(), _uniforms(6, torch.Generator().manual_seed(3), "cuda"))
     assert on_cuda.device.type == "cuda" and torch.equal(on_cuda.cpu(), on_cpu)
     adapter = _load(checkpoints["qwen2_vl"], "bfloat16")
     from gpg_vlm.rollout import make_engine

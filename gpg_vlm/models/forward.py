@@ -166,17 +166,19 @@ class TokenScorer(torch.nn.Module):
             pixel_values=pixel_values, image_grid_thw=image_grid_thw,
             mm_token_type_ids=prompt_mm, use_cache=True)
         last = out.last_hidden_state[rows, -1:]  # (b, 1, H): predicts completion token 0
-        if completion_ids.shape[1] == 1:
-            return last
         cache = output_cache(out)
         # each row continues from its own prompt's keys/values and linear-attention states; with
         # gradients, the selected recurrent states must not be overwritten in place
         cache_ops.select(cache, rows, for_backward=torch.is_grad_enabled())
+        # the continuation runs even for one-token completions (its output then unused): under
+        # FSDP2 every forward gathers each layer, so every process must run as many forwards
+        t = completion_ids.shape[1]
+        fed = max(t - 1, 1)
         rest = self.model.model(
-            input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1],
-            position_ids=completion_pos[:, :, :-1], use_cache=True,
+            input_ids=completion_ids[:, :fed], attention_mask=mask[:, :mask.shape[1] - t + fed],
+            position_ids=completion_pos[:, :, :fed], use_cache=True,
             **cache_kwargs(self.model.model, cache),
-        ).last_hidden_state  # (b, T-1, H): token j predicts token j+1
+        ).last_hidden_state[:, :t - 1]  # (b, T-1, H): token j predicts token j+1
         return torch.cat([last, rest], dim=1)
 
     def _full_rows(self, prompt_ids, prompt_positions, prompt_mm, pixel_values, image_grid_thw,
