@@ -34,9 +34,10 @@ below its 32 MB mmap threshold: the 1M-pixel sweep point peaked at 3,184 MB as r
 with MALLOC_MMAP_THRESHOLD_=4194304; PyTorch's CUDA caching allocator keeps its blocks), so an
 estimate for renting memory does not count on one reusing the other's. Rollout = all weights,
 the KV cache and the larger of its logits and the vision transient. Left out: the reference
-model of GRPO with KL (add one more weights term), and glibc's heap growth while the rollout's
-KV cache grows by concatenation (T x (L + T/2) cache rows over a rollout on CPU; measured and
-explained in bench/README.md, gone with MALLOC_MMAP_THRESHOLD_=65536).
+model of GRPO with KL (add one more weights term). The sweep's rollout peaks were measured
+while the sampling loop still grew its KV cache by concatenation, which on CPU also grew glibc's
+heap (bench/README.md); the loop now writes into a cache reserved once, whose size is the
+rollout KV term above.
 """
 
 from __future__ import annotations
