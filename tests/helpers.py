@@ -143,6 +143,22 @@ def long_samples():
     return [Sample(text, [noise_image(112, 84, 7)]), Sample(text + "How many?")]
 
 
+def prefix_cache_batch(adapter, engine):
+    """`long_samples()` encoded, checked to span full KV blocks that vLLM's prefix cache keeps."""
+    batch = adapter.encode(long_samples())
+    block = engine.llm.llm_engine.vllm_config.cache_config.block_size
+    assert int(batch.prompt_lengths().min()) > 2 * block
+    return batch
+
+
+def perturb(model, seed: int, scale: float = 0.02) -> None:
+    """Move every weight of `model` by seeded noise (tied and expert weights included)."""
+    noise = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=noise) * scale)
+
+
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

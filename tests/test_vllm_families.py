@@ -48,7 +48,7 @@ import torch
 from gpg_vlm.models.adapter import VLMAdapter
 from gpg_vlm.rollout import RolloutSetupError, make_engine
 from gpg_vlm.tiny import make_tiny_model
-from helpers import TOL, gen, long_samples, masked_max, vllm_samples
+from helpers import TOL, gen, long_samples, masked_max, perturb, prefix_cache_batch, vllm_samples
 
 pytestmark = pytest.mark.vllm
 
@@ -311,15 +311,10 @@ class TestFloat32MoE:
 
     def test_fp32_moe_follows_a_weight_update_through_the_prefix_cache(self, fp32_moe):
         adapter, engine, _ = fp32_moe
-        batch = adapter.encode(long_samples())
-        block = engine.llm.llm_engine.vllm_config.cache_config.block_size
-        assert int(batch.prompt_lengths().min()) > 2 * block  # full blocks the prefix cache keeps
+        batch = prefix_cache_batch(adapter, engine)
         engine.generate(batch, 2, max_new_tokens=6, generator=gen(1))  # caches old-weight KV
         old = copy.deepcopy(adapter.model.state_dict())
-        noise = gen(2)
-        with torch.no_grad():  # every weight moves, the experts and the router included
-            for p in adapter.model.parameters():
-                p.add_(torch.randn(p.shape, generator=noise) * 0.02)
+        perturb(adapter.model, 2)  # every weight moves, the experts and the router included
         try:
             stale = engine.generate(batch, 2, max_new_tokens=6, generator=gen(3))
             with torch.no_grad():  # control: unsynced, the engine still samples the old weights

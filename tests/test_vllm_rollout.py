@@ -21,7 +21,7 @@ from gpg_vlm.models.batch import Sample
 from gpg_vlm.rollout import make_engine
 from gpg_vlm.rollout.vllm import RolloutError
 from gpg_vlm.tiny import make_tiny_model
-from helpers import gen, long_samples, masked_max, noise_image, vllm_samples
+from helpers import gen, masked_max, noise_image, perturb, prefix_cache_batch, vllm_samples
 
 pytestmark = pytest.mark.vllm
 
@@ -112,15 +112,10 @@ def test_an_output_of_another_request_is_refused(policy, monkeypatch):
 
 def test_follows_weight_updates_through_the_prefix_cache(policy):
     adapter, engine = policy
-    batch = adapter.encode(long_samples())
-    block = engine.llm.llm_engine.vllm_config.cache_config.block_size
-    assert int(batch.prompt_lengths().min()) > 2 * block  # full blocks the prefix cache keeps
+    batch = prefix_cache_batch(adapter, engine)
     engine.generate(batch, 2, max_new_tokens=6, generator=gen(1))  # caches old-weight KV
     old = copy.deepcopy(adapter.model.state_dict())
-    noise = gen(2)
-    with torch.no_grad():  # every weight moves, the tied embedding / output layer included
-        for p in adapter.model.parameters():
-            p.add_(torch.randn(p.shape, generator=noise) * 0.02)
+    perturb(adapter.model, 2)  # every weight moves, the tied embedding / output layer included
     engine.sync_weights(adapter.model)
     after = engine.generate(batch, 2, max_new_tokens=6, generator=gen(3))
     mask = after.completion_mask
